@@ -67,7 +67,7 @@ def _conserve_command() -> list[str]:
 @pytest.mark.skipif(ENGINE_IMPORT_ERROR is not None, reason=f"engine not importable yet: {ENGINE_IMPORT_ERROR}")
 def test_chat_prints_only_the_answer():
     question = "What is the capital of France?"
-    result = subprocess.run([*_conserve_command(), "chat", question, "--max-tokens", "16"],
+    result = subprocess.run([*_conserve_command(), "chat", question, "--max-tokens", "16", "--device", "cpu"],
                             capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr
     assert "Paris" in result.stdout

@@ -39,7 +39,7 @@ def _build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="weight and compute dtype")
     chat.add_argument("--model", type=_existing_path, default=None,
                       help="a Hugging Face model directory or a .gguf file (default: bundled SmolLM2-135M-Instruct)")
-    chat.add_argument("--device", default="cpu", help="torch device to run on (default cpu)")
+    chat.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: CUDA when present, else CPU)")
     chat.set_defaults(run=_chat)
     return parser
 
@@ -52,8 +52,10 @@ def _chat(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     # Imported here, not at the top: torch takes seconds to import, and `--help` or an argument error
     # should not pay for it.
     from engine import Engine, EngineConfig, SamplingParams
+    from engine.errors import EngineError, InvalidRequestError, ModelLoadError
 
-    bad_input = _bad_input_errors()
+    # A model path that exists but does not hold a usable model is the caller's mistake too.
+    bad_input = (InvalidRequestError, ModelLoadError, ValueError, FileNotFoundError)
     try:
         params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
                                 top_p=args.top_p, seed=args.seed)
@@ -72,24 +74,14 @@ def _chat(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         sys.stdout.write("\n")
         sys.stdout.flush()
     except bad_input as exc:
-        parser.exit(BAD_INPUT_EXIT, f"\nconserve chat: error: {exc}\n")
+        parser.exit(BAD_INPUT_EXIT, f"conserve chat: error: {exc}\n")
+    except EngineError as exc:
+        parser.exit(1, f"\nconserve chat: the engine failed: {exc}\n")
     except KeyboardInterrupt:
         return 130
     finally:
         engine.shutdown()
     return 0
-
-
-def _bad_input_errors() -> tuple[type[BaseException], ...]:
-    """The exception types that mean "the caller asked for something wrong", not "the engine broke"."""
-    errors: list[type[BaseException]] = [ValueError, FileNotFoundError]
-    try:
-        from engine.errors import InvalidRequestError
-    except ImportError:
-        pass
-    else:
-        errors.append(InvalidRequestError)
-    return tuple(errors)
 
 
 # argparse turns the ArgumentTypeError these raise into a usage message and exit code 2.
