@@ -1,0 +1,300 @@
+"""The engine: owns the model, the KV pool and the scheduler, and runs their step loop on a background thread."""
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+from engine.attention import TorchAttentionBackend
+from engine.config import EngineConfig
+from engine.cpu_tuning import keep_large_allocations_in_heap
+from engine.detokenizer import IncrementalDetokenizer
+from engine.errors import InvalidRequestError
+from engine.kv_cache import BlockPool, KVCache, kv_bytes_per_block
+from engine.loader import LoadedModel, load_model
+from engine.model import LlamaModel
+from engine.model_runner import ModelRunner
+from engine.output import RequestMetrics, RequestOutput, RequestStream
+from engine.request import Request, RequestClass
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler, SchedulerConfig
+
+log = logging.getLogger(__name__)
+
+# A prompt is raw text, token ids, or chat messages ({"role", "content"} dicts).
+Prompt = str | Sequence[int] | Sequence[dict[str, Any]]
+
+
+@dataclass
+class EngineStats:
+    num_running: dict[str, int] = field(default_factory=lambda: {"online": 0, "offline": 0})
+    num_waiting: dict[str, int] = field(default_factory=lambda: {"online": 0, "offline": 0})
+    kv_usage: float = 0.0                # fraction of KV blocks in use
+    num_free_blocks: int = 0
+    num_total_blocks: int = 0
+    prompt_tokens: int = 0               # tokens prefilled (recomputation included)
+    generation_tokens: int = 0           # tokens sampled
+    num_steps: int = 0
+    num_preemptions: int = 0
+    busy_seconds: float = 0.0            # time spent computing steps
+    uptime_seconds: float = 0.0
+
+
+class Engine:
+    def __init__(self, config: EngineConfig | None = None, *, loaded: LoadedModel | None = None):
+        """Load the model (or use `loaded`, e.g. a model built in memory) and start the step loop."""
+        self.config = config = config or EngineConfig()
+        dtype, self.device = config.torch_dtype(), config.torch_device()
+        keep_large_allocations_in_heap()
+        loaded = loaded or load_model(config.model, dtype)
+        self.model_name = loaded.name
+        self.tokenizer = loaded.tokenizer
+        self.model_config = mc = loaded.config
+        self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids if self.tokenizer else mc.eos_token_ids)
+
+        num_blocks = self._kv_pool_blocks(loaded, dtype)
+        pool_tokens = num_blocks * config.block_size
+        self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, pool_tokens)
+        self.pool = BlockPool(num_blocks, config.block_size)
+        self.kv_cache = KVCache(mc, num_blocks, config.block_size, dtype, self.device)
+        backend = TorchAttentionBackend(mc.num_attention_heads, mc.num_key_value_heads, mc.head_dim)
+        model = LlamaModel(mc, loaded.tensors, backend, self.max_model_len, dtype, self.device)
+        loaded.tensors.clear()  # the model holds its own (fused, converted) copies
+        self.runner = ModelRunner(model, self.kv_cache, self.device)
+        self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
+                                                   config.enable_chunked_prefill), self.pool)
+
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._inbox: list[tuple[Request, RequestStream, IncrementalDetokenizer | None]] = []
+        self._aborts: list[str] = []
+        self._live: dict[str, tuple[Request, RequestStream, IncrementalDetokenizer | None]] = {}
+        self._ids = itertools.count()
+        self._stats = EngineStats(num_free_blocks=num_blocks, num_total_blocks=num_blocks)
+        self._started = time.monotonic()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="conserve-engine", daemon=True)
+        self._thread.start()
+
+    # ---- public API -------------------------------------------------------------------------
+
+    def submit(self, prompt: Prompt, params: SamplingParams | None = None, request_class: str = "online",
+               request_id: str | None = None) -> RequestStream:
+        """Queue a request; returns its output stream (async-iterable inside an event loop, iterable
+        from a thread). Raises InvalidRequestError for bad input; other requests are unaffected."""
+        params = params or SamplingParams()
+        params.validate()
+        try:
+            klass = RequestClass(request_class)
+        except ValueError:
+            raise InvalidRequestError(f"request_class must be 'online' or 'offline', got {request_class!r}") from None
+        prompt_ids = self._prompt_token_ids(prompt)
+        request_id = request_id or f"req-{next(self._ids)}"
+        req = Request(request_id, prompt_ids, params, klass, self.eos_token_ids, self.max_model_len)
+        detok = None
+        if self.tokenizer is not None:
+            detok = IncrementalDetokenizer(self.tokenizer, prompt_ids, stop=params.stop,
+                                           skip_special_tokens=params.skip_special_tokens,
+                                           include_stop_str_in_output=params.include_stop_str_in_output)
+        stream = RequestStream(request_id, self.abort)
+        with self._wake:
+            if self._stopping:
+                raise InvalidRequestError("the engine is shut down")
+            if request_id in self._live or any(r.request_id == request_id for r, _, _ in self._inbox):
+                raise InvalidRequestError(f"request id {request_id!r} is already in use")
+            self._inbox.append((req, stream, detok))
+            self._wake.notify()
+        return stream
+
+    def stream(self, prompt: Prompt, params: SamplingParams | None = None,
+               request_class: str = "online") -> RequestStream:
+        """Synchronous streaming for scripts: `for out in engine.stream(...): print(out.delta)`."""
+        return self.submit(prompt, params, request_class)
+
+    def generate(self, prompts: Sequence[Prompt], params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 request_class: str = "offline") -> list[RequestOutput]:
+        """Run prompts to completion together (batched) and return their final outputs, in order."""
+        per_prompt = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        if len(per_prompt) != len(prompts):
+            raise InvalidRequestError("give one SamplingParams, or one per prompt")
+        streams = [self.submit(p, sp, request_class) for p, sp in zip(prompts, per_prompt)]
+        return [s.final() for s in streams]
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request wherever it is; its stream ends with finish_reason 'abort'. Unknown ids are ignored."""
+        with self._wake:
+            self._aborts.append(request_id)
+            self._wake.notify()
+
+    def stats(self) -> EngineStats:
+        with self._lock:
+            s = EngineStats(**{k: (dict(v) if isinstance(v, dict) else v) for k, v in vars(self._stats).items()})
+        s.uptime_seconds = time.monotonic() - self._started
+        return s
+
+    def shutdown(self) -> None:
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        self._thread.join()
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    # ---- input ------------------------------------------------------------------------------
+
+    def _prompt_token_ids(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidRequestError("prompt is empty")
+            ids = self._need_tokenizer().encode(prompt)
+        elif isinstance(prompt, Sequence) and prompt and all(isinstance(m, dict) for m in prompt):
+            ids = self._need_tokenizer().apply_chat_template(list(prompt))
+        elif isinstance(prompt, Sequence) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            ids = list(prompt)
+            vocab = self.model_config.vocab_size
+            if any(not 0 <= t < vocab for t in ids):
+                raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})")
+        else:
+            raise InvalidRequestError("prompt must be text, a list of token ids, or a list of chat messages")
+        if not ids:
+            raise InvalidRequestError("prompt is empty")
+        if len(ids) >= self.max_model_len:
+            raise InvalidRequestError(
+                f"prompt has {len(ids)} tokens but the context holds {self.max_model_len} "
+                f"(prompt plus at least one generated token); shorten the prompt")
+        return ids
+
+    def _need_tokenizer(self):
+        if self.tokenizer is None:
+            raise InvalidRequestError("this model has no tokenizer; send token ids")
+        return self.tokenizer
+
+    def _kv_pool_blocks(self, loaded: LoadedModel, dtype: torch.dtype) -> int:
+        cfg = self.config
+        if cfg.num_kv_blocks is not None:
+            return cfg.num_kv_blocks
+        per_block = kv_bytes_per_block(loaded.config, cfg.block_size, dtype)
+        if cfg.kv_cache_bytes is not None:
+            budget = cfg.kv_cache_bytes
+        elif self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            weights = sum(t.numel() for t in loaded.tensors.values()) * torch.empty((), dtype=dtype).element_size()
+            # Leave room for the weights (not yet moved) and a share of total memory for activations.
+            budget = int(free - weights - (1 - cfg.gpu_memory_utilization) * total)
+        else:
+            budget = 1 << 30
+        blocks = budget // per_block
+        if blocks < 1:
+            raise InvalidRequestError(f"KV cache budget of {budget} bytes holds no {per_block}-byte block")
+        return int(blocks)
+
+    # ---- the step loop ----------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        torch.set_grad_enabled(False)
+        while True:
+            with self._wake:
+                while not (self._stopping or self._inbox or self._aborts or self.scheduler.has_work()):
+                    self._wake.wait()
+                if self._stopping:
+                    break
+                inbox, self._inbox = self._inbox, []
+                aborts, self._aborts = self._aborts, []
+            for req, stream, detok in inbox:
+                self._live[req.request_id] = (req, stream, detok)
+                self.scheduler.add(req)
+            for request_id in aborts:
+                if request_id in self._live:
+                    self._finish(request_id, "abort")
+            if self.scheduler.has_work():
+                self._step()
+        for request_id in list(self._live):
+            self._finish(request_id, "abort")
+
+    def _step(self) -> None:
+        sched = self.scheduler.schedule()
+        if not sched.chunks:
+            return
+        started = time.monotonic()
+        for c in sched.chunks:
+            if c.request.times.first_scheduled is None:
+                c.request.times.first_scheduled = started
+        try:
+            sampled = self.runner.execute(sched.chunks)
+        except Exception as exc:  # a failed step must not take the engine down with it
+            log.exception("engine step failed")
+            for c in sched.chunks:
+                self._finish(c.request.request_id, "abort", error=f"engine step failed: {exc}")
+            return
+        prompt_tokens = 0
+        for c in sched.chunks:
+            req = c.request
+            start = req.num_computed_tokens
+            prompt_tokens += max(0, min(start + c.num_tokens, req.num_prompt_tokens) - start)
+            req.num_computed_tokens += c.num_tokens
+        now = time.monotonic()
+        for req, token in sampled:
+            self._emit_token(req, token, now)
+        with self._lock:
+            st = self._stats
+            st.num_steps += 1
+            st.busy_seconds += now - started
+            st.prompt_tokens += prompt_tokens
+            st.generation_tokens += len(sampled)
+            st.num_preemptions = self.scheduler.num_preemptions
+            self._refresh_counts(st)
+
+    def _emit_token(self, req: Request, token: int, now: float) -> None:
+        if req.times.first_token is None:
+            req.times.first_token = now
+        reason = req.append_token(token)
+        _, stream, detok = self._live[req.request_id]
+        delta = ""
+        if detok is not None:
+            delta, hit_stop = detok.add(token)
+            if hit_stop:
+                reason = "stop"
+        if reason is not None:
+            self._finish(req.request_id, reason, delta=delta, last_token=token)
+        else:
+            stream.put(RequestOutput(req.request_id, delta, [token], num_prompt_tokens=req.num_prompt_tokens,
+                                     num_output_tokens=req.num_output_tokens))
+
+    def _finish(self, request_id: str, reason: str, delta: str = "", last_token: int | None = None,
+                error: str | None = None) -> None:
+        req, stream, detok = self._live.pop(request_id)
+        self.scheduler.finish(req)
+        req.finish_reason = reason
+        req.times.finished = time.monotonic()
+        if detok is not None and reason != "stop":
+            delta += detok.flush()
+        t = req.times
+        metrics = RequestMetrics(
+            queued=(t.first_scheduled or t.finished) - t.arrival,
+            time_to_first_token=None if t.first_token is None else t.first_token - t.arrival,
+            e2e=t.finished - t.arrival, num_preemptions=req.num_preemptions)
+        stream.put(RequestOutput(
+            request_id, delta, [] if last_token is None else [last_token], finished=True, finish_reason=reason,
+            num_prompt_tokens=req.num_prompt_tokens, num_output_tokens=req.num_output_tokens,
+            text=detok.text if detok is not None else "", token_ids=req.output_token_ids,
+            metrics=metrics, error=error))
+        with self._lock:
+            self._refresh_counts(self._stats)
+
+    def _refresh_counts(self, st: EngineStats) -> None:
+        for name, queue in (("num_running", self.scheduler.running), ("num_waiting", self.scheduler.waiting)):
+            counts = {"online": 0, "offline": 0}
+            for r in queue:
+                counts[r.request_class.value] += 1
+            setattr(st, name, counts)
+        st.num_free_blocks = self.pool.num_free
+        st.kv_usage = self.pool.usage()

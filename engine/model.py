@@ -1,0 +1,87 @@
+"""The Llama-family transformer (Llama 2/3, SmolLM2, Mistral GQA) written for a paged KV cache."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from engine.attention import AttentionBackend, AttentionMetadata
+from engine.errors import ModelLoadError
+from engine.kv_cache import KVCache
+from engine.model_config import ModelConfig
+from engine.rope import RotaryEmbedding, apply_rotary
+
+# Called with the index of the layer about to run; the scheduler uses it to stop a step between layers.
+Safepoint = Callable[[int], None]
+
+
+@dataclass
+class LayerWeights:
+    input_norm: torch.Tensor
+    qkv: torch.Tensor        # q, k and v projections stacked: one matrix product instead of three
+    o: torch.Tensor
+    post_norm: torch.Tensor
+    gate_up: torch.Tensor    # gate and up projections stacked
+    down: torch.Tensor
+
+
+class LlamaModel:
+    """Plain tensors and functional ops: fewer Python calls per layer than nn.Module, which a 135M model feels."""
+
+    def __init__(self, config: ModelConfig, tensors: dict[str, torch.Tensor], backend: AttentionBackend,
+                 max_positions: int, dtype: torch.dtype, device: torch.device):
+        self.config = config
+        self.backend = backend
+
+        def take(name: str) -> torch.Tensor:
+            try:
+                return tensors[name].to(device=device, dtype=dtype).contiguous()
+            except KeyError:
+                raise ModelLoadError(f"model weights lack tensor {name!r}") from None
+
+        self.embed = take("model.embed_tokens.weight")
+        self.layers = []
+        for i in range(config.num_hidden_layers):
+            p = f"model.layers.{i}."
+            self.layers.append(LayerWeights(
+                input_norm=take(p + "input_layernorm.weight"),
+                qkv=torch.cat([take(p + f"self_attn.{n}_proj.weight") for n in "qkv"]).contiguous(),
+                o=take(p + "self_attn.o_proj.weight"),
+                post_norm=take(p + "post_attention_layernorm.weight"),
+                gate_up=torch.cat([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")]).contiguous(),
+                down=take(p + "mlp.down_proj.weight"),
+            ))
+        self.norm = take("model.norm.weight")
+        self.lm_head = take("lm_head.weight") if "lm_head.weight" in tensors else self.embed
+        self.rope = RotaryEmbedding(config, max_positions, dtype, device)
+        h, kvh, d = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        self._qkv_split = [h * d, kvh * d, kvh * d]
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                kv_cache: KVCache, logits_indices: torch.Tensor,
+                safepoint: Safepoint | None = None) -> torch.Tensor:
+        """Run the step's tokens through every layer; return float32 logits for the rows in logits_indices only
+        (the LM head is a fifth of a decode step, so prefill positions that sample nothing skip it)."""
+        cfg = self.config
+        n = input_ids.shape[0]
+        heads, kv_heads, d, eps = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.rms_norm_eps
+        cos, sin = self.rope.lookup(positions)
+        h = F.embedding(input_ids, self.embed)
+        for i, layer in enumerate(self.layers):
+            if safepoint is not None:
+                safepoint(i)
+            x = F.rms_norm(h, (h.shape[-1],), layer.input_norm, eps)
+            qkv = F.linear(x, layer.qkv)
+            qk = qkv[:, : (heads + kv_heads) * d].view(n, heads + kv_heads, d)
+            qk = apply_rotary(qk, cos, sin)
+            q, k = qk[:, :heads], qk[:, heads:]
+            v = qkv[:, (heads + kv_heads) * d:].view(n, kv_heads, d)
+            attn = self.backend.forward(q, k, v, kv_cache.keys[i], kv_cache.values[i], meta)
+            h = h + F.linear(attn, layer.o)
+            x = F.rms_norm(h, (h.shape[-1],), layer.post_norm, eps)
+            gate, up = F.linear(x, layer.gate_up).chunk(2, dim=-1)
+            h = h + F.linear(F.silu(gate) * up, layer.down)
+        h = F.rms_norm(h[logits_indices], (h.shape[-1],), self.norm, eps)
+        return F.linear(h, self.lm_head).float()

@@ -1,0 +1,51 @@
+"""Turns a step's logits into next tokens: greedy rows in one argmax, the rest with temperature, top-k and top-p."""
+from __future__ import annotations
+
+import torch
+
+from engine.request import Request
+
+
+def sample(logits: torch.Tensor, requests: list[Request]) -> list[int]:
+    """logits [B, vocab] float32, one row per request, in order."""
+    _ban_early_stops(logits, requests)
+    if all(r.params.greedy for r in requests):
+        return logits.argmax(dim=-1).tolist()
+    tokens = torch.empty(len(requests), dtype=torch.long)
+    greedy = [i for i, r in enumerate(requests) if r.params.greedy]
+    random = [i for i, r in enumerate(requests) if not r.params.greedy]
+    if greedy:
+        tokens[greedy] = logits[greedy].argmax(dim=-1)
+    probs = _filtered_probs(logits[random], [requests[i] for i in random])
+    for row, i in enumerate(random):
+        # Gumbel-style sampling (argmax of p / Exp(1)) is a multinomial draw; a seeded request
+        # draws its noise from its own generator, so its tokens repeat whatever it is batched with.
+        noise = torch.empty_like(probs[row]).exponential_(generator=requests[i].generator)
+        tokens[i] = (probs[row] / noise).argmax()
+    return tokens.tolist()
+
+
+def _ban_early_stops(logits: torch.Tensor, requests: list[Request]) -> None:
+    for i, r in enumerate(requests):
+        if r.params.min_tokens and r.num_output_tokens < r.params.min_tokens and r.stop_ids:
+            logits[i, list(r.stop_ids)] = float("-inf")
+
+
+def _filtered_probs(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+    temps = torch.tensor([r.params.temperature for r in requests], dtype=logits.dtype).unsqueeze(1)
+    logits = logits / temps
+    top_ks = [r.params.top_k for r in requests]
+    if any(k > 0 for k in top_ks):
+        vocab = logits.shape[-1]
+        ks = torch.tensor([k if 0 < k < vocab else vocab for k in top_ks]).unsqueeze(1)
+        kth = logits.sort(dim=-1, descending=True).values.gather(1, ks - 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    top_ps = torch.tensor([r.params.top_p for r in requests], dtype=logits.dtype).unsqueeze(1)
+    if (top_ps < 1.0).any():
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        sorted_probs = sorted_logits.softmax(dim=-1)
+        # Drop a token when the tokens ranked above it already reach top_p; the top token always stays.
+        drop = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_ps
+        drop[:, 0] = False
+        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    return logits.softmax(dim=-1)
