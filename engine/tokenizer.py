@@ -2,15 +2,11 @@
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from engine.errors import InvalidRequestError, ModelLoadError
-
-# Never reach for the hub: every model is local.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 # Tokens chat templates close an assistant turn with; the model emits them instead of (or before) its eos.
 _END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>")
@@ -58,6 +54,7 @@ class Tokenizer:
 
         path = Path(path)
         try:
+            # local_files_only: a path that is not a model directory must fail, not become a hub id.
             hf = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         except (OSError, ValueError, KeyError) as e:
             raise ModelLoadError(f"cannot load a tokenizer from {path}: {e}") from e
