@@ -66,7 +66,9 @@ def check_tensors(config: ModelConfig, tensors: dict[str, torch.Tensor], source:
 def read_hf_config(path: Path) -> dict:
     config_file = path / "config.json"
     if not config_file.is_file():
-        raise ModelLoadError(f"{path} has no config.json; expected a Hugging Face model directory")
+        ggufs = sorted(p.name for p in path.glob("*.gguf"))
+        hint = f"; to load a GGUF file pass its path, e.g. {path / ggufs[0]}" if ggufs else ""
+        raise ModelLoadError(f"{path} has no config.json, so it is not a Hugging Face model directory{hint}")
     try:
         d = json.loads(config_file.read_text())
     except (OSError, ValueError) as e:

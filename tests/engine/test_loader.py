@@ -101,6 +101,10 @@ def test_hf_directory_converts_to_the_requested_dtype(tmp_path):
     assert {t.dtype for t in tensors.values()} == {torch.bfloat16}
 
 
+def rest_is(base: str, suffix: str) -> bool:
+    return base.endswith("." + suffix)
+
+
 def write_llama_gguf(path: Path, model, rope_freqs: np.ndarray | None = None) -> None:
     """Write an HF Llama the way llama.cpp's convert_hf_to_gguf.py does: renamed, q/k rows permuted."""
     import gguf
@@ -154,10 +158,6 @@ def write_llama_gguf(path: Path, model, rope_freqs: np.ndarray | None = None) ->
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-
-
-def rest_is(base: str, suffix: str) -> bool:
-    return base.endswith("." + suffix)
 
 
 def test_gguf_q_k_rows_are_unpermuted_back_to_hf_layout(tmp_path):
