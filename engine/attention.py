@@ -5,7 +5,6 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 
 @dataclass
@@ -17,11 +16,12 @@ class PrefillGroup:
     num_seqs: int
     chunk_len: int
     context_len: int
-    # [num_seqs * context_len] cache slots to read, or None when the chunk is the whole context
-    # so far (no earlier tokens cached): then the chunk's own keys and values are used directly.
-    context_slots: torch.Tensor | None
-    # [chunk_len, context_len] True where a query may look, for chunks that continue a cached prefix.
-    mask: torch.Tensor | None
+    # [num_seqs * blocks] the sequences' block tables, flattened, or None when the chunk is the whole
+    # context so far (no earlier tokens cached): then the chunk's own keys and values are used directly.
+    context_blocks: torch.Tensor | None
+    # [chunk_len, keys] float32: 0 where a query may look, -inf where it may not (later positions, and
+    # the padding of the last gathered block).
+    bias: torch.Tensor
 
 
 @dataclass
@@ -31,9 +31,8 @@ class AttentionMetadata:
     The batch holds the single-token (decode) sequences first, then the prefill groups."""
     slot_mapping: torch.Tensor
     num_decodes: int = 0
-    decode_context_len: int = 0                # longest context among the decodes
-    decode_slots: torch.Tensor | None = None   # [num_decodes * decode_context_len] cache slots, padded
-    decode_bias: torch.Tensor | None = None    # [1, num_decodes, 1, decode_context_len]: -inf on padding
+    decode_blocks: torch.Tensor | None = None  # [num_decodes * blocks] block tables, padded, flattened
+    decode_bias: torch.Tensor | None = None    # [1, num_decodes, 1, 1, blocks * block_size]: -inf on padding
     prefill_groups: list[PrefillGroup] = field(default_factory=list)
 
 
@@ -47,11 +46,20 @@ class AttentionBackend(ABC):
 
 
 class TorchAttentionBackend(AttentionBackend):
-    """Gathers each sequence's context by its slots (from its block table), then attends with plain
-    PyTorch ops. Correct on every device PyTorch runs on; a fused paged kernel can replace it on CUDA."""
+    """Gathers each sequence's context block by block (by its block table), then attends with batched
+    matrix products. Correct on every device PyTorch runs on; a fused paged kernel can replace it on CUDA.
 
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int):
+    Everything is laid out kv-head-major, [kv_heads, seqs, rows, d], with the `group` query heads that
+    share a KV head folded into the rows: no KV head is ever repeated, and gathered context is used
+    as it comes out of the cache. On CPU these matmuls measured 2-3x faster than
+    scaled_dot_product_attention, whose flash kernel is slow for few query rows and for GQA."""
+
+    # Largest float32 score tensor built at once; longer prefill chunks are attended in query slices.
+    max_score_bytes = 64 << 20
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, block_size: int):
         self.num_heads = num_heads
+        self.block_size = block_size
         self.num_kv_heads = num_kv_heads
         self.group = num_heads // num_kv_heads
         self.head_dim = head_dim
@@ -62,40 +70,45 @@ class TorchAttentionBackend(AttentionBackend):
         value_cache.index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
         parts = []
         if meta.num_decodes:
-            parts.append(self._decode(q[: meta.num_decodes], key_cache, value_cache, meta))
+            b = meta.num_decodes
+            keys = self._gather(key_cache, meta.decode_blocks, b)
+            values = self._gather(value_cache, meta.decode_blocks, b)
+            parts.append(self._attend(q[:b], b, 1, keys, values, meta.decode_bias))
         for g in meta.prefill_groups:
-            end = g.token_start + g.num_seqs * g.chunk_len
-            parts.append(self._prefill(q[g.token_start:end], k[g.token_start:end], v[g.token_start:end],
-                                       key_cache, value_cache, g))
-        out = parts[0] if len(parts) == 1 else torch.cat(parts)
-        return out.view(q.shape[0], self.num_heads * self.head_dim)
+            rows = slice(g.token_start, g.token_start + g.num_seqs * g.chunk_len)
+            if g.context_blocks is None:  # the chunk is all the context there is: use its own k, v
+                keys = self._kv_head_major(k[rows], g.num_seqs, g.chunk_len)
+                values = self._kv_head_major(v[rows], g.num_seqs, g.chunk_len)
+            else:
+                keys = self._gather(key_cache, g.context_blocks, g.num_seqs)
+                values = self._gather(value_cache, g.context_blocks, g.num_seqs)
+            parts.append(self._attend(q[rows], g.num_seqs, g.chunk_len, keys, values, g.bias))
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
-    def _gather(self, cache: torch.Tensor, slots: torch.Tensor, num_seqs: int) -> torch.Tensor:
-        return cache.index_select(1, slots).view(self.num_kv_heads, num_seqs, -1, self.head_dim)
+    def _gather(self, cache: torch.Tensor, blocks: torch.Tensor, num_seqs: int) -> torch.Tensor:
+        """[kvh, num_seqs, blocks * block_size, d]. Whole blocks are copied: 3x faster than token slots."""
+        kvh, d = self.num_kv_heads, self.head_dim
+        by_block = cache.view(kvh, -1, self.block_size * d)
+        return by_block.index_select(1, blocks).view(kvh, num_seqs, -1, d)
 
-    def _decode(self, q, key_cache, value_cache, meta):
-        b, kvh, d = q.shape[0], self.num_kv_heads, self.head_dim
-        # A decode query is one token, so the `group` query heads that share a KV head stand in for
-        # the query axis: [kvh, b, group, d] against keys [kvh, b, L, d], no KV head repeated and no
-        # causal mask. Plain matmuls: measured 3x faster than CPU SDPA for these few-row queries.
-        qg = q.view(b, kvh, self.group, d).transpose(0, 1)
-        keys = self._gather(key_cache, meta.decode_slots, b)
-        scores = torch.matmul(qg, keys.transpose(-1, -2)).float() * self.scale
-        if meta.decode_bias is not None:
-            scores = scores + meta.decode_bias
-        probs = scores.softmax(dim=-1).to(q.dtype)
-        out = torch.matmul(probs, self._gather(value_cache, meta.decode_slots, b))  # [kvh, b, group, d]
-        return out.transpose(0, 1).reshape(b, self.num_heads, d)
+    def _kv_head_major(self, x: torch.Tensor, n: int, t: int) -> torch.Tensor:
+        return x.view(n, t, self.num_kv_heads, self.head_dim).permute(2, 0, 1, 3).contiguous()
 
-    def _prefill(self, q, k, v, key_cache, value_cache, g: PrefillGroup):
-        n, t, d = g.num_seqs, g.chunk_len, self.head_dim
-        qg = q.view(n, t, self.num_heads, d).transpose(1, 2)     # [n, heads, t, d]
-        if g.context_slots is None:
-            keys = k.view(n, t, self.num_kv_heads, d).transpose(1, 2)
-            values = v.view(n, t, self.num_kv_heads, d).transpose(1, 2)
-            out = F.scaled_dot_product_attention(qg, keys, values, is_causal=True, enable_gqa=True)
-        else:
-            keys = self._gather(key_cache, g.context_slots, n).transpose(0, 1)   # [n, kvh, L, d]
-            values = self._gather(value_cache, g.context_slots, n).transpose(0, 1)
-            out = F.scaled_dot_product_attention(qg, keys, values, attn_mask=g.mask, enable_gqa=True)
-        return out.transpose(1, 2).reshape(n * t, self.num_heads, d)
+    def _attend(self, q, n, t, keys, values, bias):
+        """q [n*t, heads, d] against keys/values [kvh, n, L, d]; bias broadcasts to [kvh, n, group, t, L].
+        Returns [n*t, heads*d]."""
+        kvh, g, d = self.num_kv_heads, self.group, self.head_dim
+        qg = q.view(n, t, kvh, g, d).permute(2, 0, 3, 1, 4)          # [kvh, n, g, t, d]
+        context = keys.shape[2]
+        step = max(1, min(t, self.max_score_bytes // max(1, 4 * kvh * n * g * context)))
+        outs = []
+        for lo in range(0, t, step):
+            hi = min(t, lo + step)
+            qs = qg[:, :, :, lo:hi].reshape(kvh, n, g * (hi - lo), d)
+            scores = torch.matmul(qs, keys.transpose(-1, -2)).float().mul_(self.scale)
+            scores = scores.view(kvh, n, g, hi - lo, context)
+            scores = scores + (bias[lo:hi] if bias.dim() == 2 else bias)
+            probs = scores.softmax(dim=-1).to(q.dtype).view(kvh, n, g * (hi - lo), context)
+            outs.append(torch.matmul(probs, values).view(kvh, n, g, hi - lo, d))
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=3)
+        return out.permute(1, 3, 0, 2, 4).reshape(n * t, self.num_heads * d)

@@ -62,7 +62,8 @@ class Engine:
         self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, pool_tokens)
         self.pool = BlockPool(num_blocks, config.block_size)
         self.kv_cache = KVCache(mc, num_blocks, config.block_size, dtype, self.device)
-        backend = TorchAttentionBackend(mc.num_attention_heads, mc.num_key_value_heads, mc.head_dim)
+        backend = TorchAttentionBackend(mc.num_attention_heads, mc.num_key_value_heads, mc.head_dim,
+                                        config.block_size)
         model = LlamaModel(mc, loaded.tensors, backend, self.max_model_len, dtype, self.device)
         loaded.tensors.clear()  # the model holds its own (fused, converted) copies
         self.runner = ModelRunner(model, self.kv_cache, self.device)
@@ -275,8 +276,8 @@ class Engine:
         self.scheduler.finish(req)
         req.finish_reason = reason
         req.times.finished = time.monotonic()
-        if detok is not None and reason != "stop":
-            delta += detok.flush()
+        if detok is not None:
+            delta += detok.flush()  # held-back text (a partial stop string or character) after eos
         t = req.times
         metrics = RequestMetrics(
             queued=(t.first_scheduled or t.finished) - t.arrival,

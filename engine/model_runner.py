@@ -28,7 +28,6 @@ class ModelRunner:
         self.kv_cache = kv_cache
         self.block_size = kv_cache.block_size
         self.device = device
-        self._block_offsets = torch.arange(self.block_size, device=device)
 
     @torch.inference_mode()
     def execute(self, chunks: list[ScheduledChunk], safepoint: Safepoint | None = None) -> list[tuple[Request, int]]:
@@ -70,24 +69,22 @@ class ModelRunner:
         dev = self.device
         meta = AttentionMetadata(slot_mapping=torch.tensor(slots, device=dev))
         if decodes:
-            lens = [c.request.num_computed_tokens + 1 for c in decodes]
+            requests = [c.request for c in decodes]
             meta.num_decodes = len(decodes)
-            meta.decode_context_len = max(lens)
-            meta.decode_slots = self._context_slots([c.request for c in decodes], max(lens))
-            if min(lens) != max(lens):
-                lens_t = torch.tensor(lens, device=dev)
-                pad = torch.arange(max(lens), device=dev).unsqueeze(0) >= lens_t.unsqueeze(1)
-                bias = torch.zeros(pad.shape, device=dev).masked_fill_(pad, float("-inf"))
-                meta.decode_bias = bias.view(1, len(lens), 1, -1)
+            lens_list = [r.num_computed_tokens + 1 for r in requests]
+            meta.decode_blocks, keys = self._block_tables(requests, lens_list)
+            lens = torch.tensor(lens_list, device=dev)
+            pad = torch.arange(keys, device=dev).unsqueeze(0) >= lens.unsqueeze(1)
+            meta.decode_bias = self._bias(pad).view(1, len(requests), 1, 1, keys)
         token_start = len(decodes)
         for (chunk_len, cached), members in groups.items():
             context_len = cached + chunk_len
-            group = PrefillGroup(token_start, len(members), chunk_len, context_len, None, None)
-            if cached:
-                group.context_slots = self._context_slots([c.request for c in members], context_len)
-                query_pos = torch.arange(cached, context_len, device=dev).unsqueeze(1)
-                group.mask = torch.arange(context_len, device=dev).unsqueeze(0) <= query_pos
-            meta.prefill_groups.append(group)
+            blocks, keys = (self._block_tables([c.request for c in members], [context_len] * len(members))
+                            if cached else (None, chunk_len))
+            query_pos = torch.arange(cached, context_len, device=dev).unsqueeze(1)
+            hidden = torch.arange(keys, device=dev).unsqueeze(0) > query_pos  # later tokens and padding
+            meta.prefill_groups.append(
+                PrefillGroup(token_start, len(members), chunk_len, context_len, blocks, self._bias(hidden)))
             token_start += len(members) * chunk_len
 
         return StepBatch(
@@ -98,11 +95,13 @@ class ModelRunner:
             sampling_requests=sampling,
         )
 
-    def _context_slots(self, requests: list[Request], length: int) -> torch.Tensor:
-        """Cache slots of each request's first `length` tokens, flattened request-major; rows of shorter
-        requests are padded with slots of block 0, which their mask hides."""
-        nblocks = -(-length // self.block_size)
-        table = [r.block_ids[:nblocks] + [0] * (nblocks - len(r.block_ids[:nblocks])) for r in requests]
-        table_t = torch.tensor(table, device=self.device)
-        slots = (table_t.unsqueeze(2) * self.block_size + self._block_offsets).view(len(requests), -1)
-        return slots[:, :length].flatten()
+    def _block_tables(self, requests: list[Request], context_lens: list[int]) -> tuple[torch.Tensor, int]:
+        """Block tables covering each request's first context_lens tokens, padded to the longest with
+        block 0 (hidden by the bias) and flattened; and the number of key positions they cover."""
+        tables = [r.block_ids[: -(-n // self.block_size)] for r, n in zip(requests, context_lens)]
+        width = max(len(t) for t in tables)
+        flat = [b for t in tables for b in t + [0] * (width - len(t))]
+        return torch.tensor(flat, device=self.device), width * self.block_size
+
+    def _bias(self, hidden: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(hidden.shape, device=self.device).masked_fill_(hidden, float("-inf"))
