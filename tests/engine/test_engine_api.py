@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from engine.errors import InvalidRequestError
+from engine.errors import EngineError, InvalidRequestError
 from engine.output import RequestOutput, RequestStream
 from engine.sampling_params import SamplingParams
 from tiny_models import prompt_of
@@ -181,6 +181,47 @@ def test_generate_needs_one_params_or_one_per_prompt(tiny):
     with tiny.engine() as engine:
         with pytest.raises(InvalidRequestError, match="one per prompt"):
             engine.generate([PROMPT, PROMPT], [GREEDY])
+
+
+# ---- settings a step can never serve -----------------------------------------------------------
+# Without chunked prefill a step must hold a request's whole uncomputed part: its prompt at first, its
+# prompt plus output after a preemption. vLLM refuses max_num_batched_tokens below max_model_len in that
+# mode; refusing such requests at submit would also do. Queueing them for a step that can never come
+# (holding up everyone behind them) would not.
+
+def engine_unless_refused(tiny, **settings):
+    """The engine, or None where the settings themselves are refused with an error that names the budget."""
+    try:
+        return tiny.engine(**settings)
+    except (EngineError, ValueError) as e:
+        assert "max_num_batched_tokens" in str(e)
+        return None
+
+
+def test_without_chunked_prefill_a_prompt_beyond_the_step_budget_is_refused(tiny, expected):
+    engine = engine_unless_refused(tiny, enable_chunked_prefill=False, max_num_batched_tokens=16)
+    if engine is None:
+        return
+    with engine:
+        with pytest.raises(InvalidRequestError, match="20 tokens"):
+            engine.submit(prompt_of(20, seed=60), GREEDY)
+        assert engine.generate([PROMPT], GREEDY)[0].token_ids == expected
+
+
+def test_without_chunked_prefill_a_request_preempted_after_outgrowing_the_step_budget_finishes(tiny):
+    engine = engine_unless_refused(tiny, enable_chunked_prefill=False, max_num_batched_tokens=32, num_kv_blocks=8)
+    if engine is None:
+        return
+    # 17 + 30 prompt tokens fill 7 of the 8 blocks. As both decode, the 30-token request (admitted last)
+    # is preempted once it holds 38 tokens: recomputing them needs more than the 32-token budget.
+    prompts = [prompt_of(17, seed=61), prompt_of(30, seed=62)]
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    with engine:
+        streams = [engine.submit(p, params) for p in prompts]
+        finals = [finish_within(s, 10)[-1] for s in streams]
+    for prompt, final in zip(prompts, finals):
+        assert final.finish_reason == "length" and final.token_ids
+        assert final.token_ids == tiny.reference_greedy(prompt, 16)[: len(final.token_ids)]
 
 
 # ---- async streams ------------------------------------------------------------------------------
