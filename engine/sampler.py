@@ -11,17 +11,22 @@ def sample(logits: torch.Tensor, requests: list[Request]) -> list[int]:
     _ban_early_stops(logits, requests)
     if all(r.params.greedy for r in requests):
         return logits.argmax(dim=-1).tolist()
+    # Random draws happen on the CPU, where each seeded request's generator lives.
+    logits = logits.cpu()
     tokens = torch.empty(len(requests), dtype=torch.long)
     greedy = [i for i, r in enumerate(requests) if r.params.greedy]
     random = [i for i, r in enumerate(requests) if not r.params.greedy]
     if greedy:
         tokens[greedy] = logits[greedy].argmax(dim=-1)
     probs = _filtered_probs(logits[random], [requests[i] for i in random])
+    # Gumbel-style sampling (argmax of p / Exp(1)) is a multinomial draw. A seeded request draws its
+    # noise from its own generator, so its tokens repeat whatever it is batched with; the others
+    # share one draw from the global generator.
+    noise = torch.empty_like(probs).exponential_()
     for row, i in enumerate(random):
-        # Gumbel-style sampling (argmax of p / Exp(1)) is a multinomial draw; a seeded request
-        # draws its noise from its own generator, so its tokens repeat whatever it is batched with.
-        noise = torch.empty_like(probs[row]).exponential_(generator=requests[i].generator)
-        tokens[i] = (probs[row] / noise).argmax()
+        if requests[i].generator is not None:
+            noise[row].exponential_(generator=requests[i].generator)
+    tokens[random] = (probs / noise).argmax(dim=-1)
     return tokens.tolist()
 
 
