@@ -31,9 +31,14 @@ def sample(logits: torch.Tensor, requests: list[Request]) -> list[int]:
 
 
 def _ban_early_stops(logits: torch.Tensor, requests: list[Request]) -> None:
+    vocab = logits.shape[-1]
     for i, r in enumerate(requests):
         if r.params.min_tokens and r.num_output_tokens < r.params.min_tokens and r.stop_ids:
-            logits[i, list(r.stop_ids)] = float("-inf")
+            # Ids outside the vocabulary are never sampled, so there is nothing to ban; indexing with
+            # one would fail the whole step, and every request in it.
+            banned = [t for t in r.stop_ids if t < vocab]
+            if banned:
+                logits[i, banned] = float("-inf")
 
 
 def _filtered_probs(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:

@@ -40,8 +40,13 @@ class SamplingParams:
         def fail(msg: str) -> None:
             raise InvalidRequestError(msg)
 
-        if isinstance(self.stop, str):
+        # JSON clients send null for "none"; a lone stop string means a list of one.
+        if self.stop is None:
+            self.stop = []
+        elif isinstance(self.stop, str):
             self.stop = [self.stop]
+        if self.stop_token_ids is None:
+            self.stop_token_ids = []
         if not _is_int(self.max_tokens) or self.max_tokens < 1:
             fail(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
         if not _is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_tokens:
@@ -54,10 +59,11 @@ class SamplingParams:
             fail(f"top_k must be an integer >= -1 (0 or -1 disables it), got {self.top_k!r}")
         if self.seed is not None and not _is_int(self.seed):
             fail(f"seed must be an integer, got {self.seed!r}")
-        if not all(isinstance(s, str) and s for s in self.stop):
-            fail("stop must be a list of non-empty strings")
-        if not all(_is_int(t) and t >= 0 for t in self.stop_token_ids):
-            fail("stop_token_ids must be a list of non-negative integers")
+        if not isinstance(self.stop, (list, tuple)) or not all(isinstance(s, str) and s for s in self.stop):
+            fail(f"stop must be a list of non-empty strings, got {self.stop!r}")
+        if not isinstance(self.stop_token_ids, (list, tuple)) or \
+                not all(_is_int(t) and t >= 0 for t in self.stop_token_ids):
+            fail(f"stop_token_ids must be a list of non-negative integers, got {self.stop_token_ids!r}")
         for flag in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
             if not isinstance(getattr(self, flag), bool):
                 fail(f"{flag} must be true or false")
