@@ -22,11 +22,21 @@ IDLE = {"online": 0, "offline": 0}
 def finish_within(stream: RequestStream, seconds: float = 30.0) -> list[RequestOutput]:
     """Every output of stream, failing the test (rather than hanging it) if it has not ended in time."""
     outputs: list[RequestOutput] = []
-    reader = threading.Thread(target=lambda: outputs.extend(stream), daemon=True)
+    errors: list[BaseException] = []
+
+    def read() -> None:
+        try:
+            outputs.extend(stream)
+        except BaseException as e:  # handed to the test thread below
+            errors.append(e)
+
+    reader = threading.Thread(target=read, daemon=True)
     reader.start()
     reader.join(seconds)
     if reader.is_alive():
         pytest.fail(f"stream {stream.request_id} did not end within {seconds} s")
+    if errors:
+        raise errors[0]
     return outputs
 
 
@@ -127,6 +137,8 @@ BAD_REQUESTS = {
     "min_tokens_above_max_tokens": (dict(min_tokens=9, max_tokens=8), "min_tokens must be an integer between 0 and max_tokens"),
     "empty_stop_string": (dict(stop=[""]), "stop must be a list of non-empty strings"),
     "negative_stop_token": (dict(stop_token_ids=[-3]), "stop_token_ids must be a list of non-negative integers"),
+    "stop_not_a_list": (dict(stop=5), "stop must be a list of non-empty strings, got 5"),
+    "stop_token_ids_not_a_list": (dict(stop_token_ids=7), "stop_token_ids must be a list of non-negative integers"),
     "seed_not_int": (dict(seed="7"), "seed must be an integer"),
     "unknown_request_class": (dict(request_class="batch"), "request_class must be 'online' or 'offline', got 'batch'"),
 }
@@ -166,6 +178,29 @@ def test_from_dict_validates_values():
     with pytest.raises(InvalidRequestError, match="temperature"):
         SamplingParams.from_dict({"temperature": -1})
     assert SamplingParams.from_dict({"max_tokens": 3, "stop": "END"}).stop == ["END"]
+
+
+def test_null_stop_lists_mean_no_stops():
+    params = SamplingParams.from_dict({"stop": None, "stop_token_ids": None})
+    assert (params.stop, params.stop_token_ids) == ([], [])
+
+
+def test_stop_token_id_beyond_the_vocabulary_never_fails_other_requests(short_context_engine, expected):
+    # min_tokens makes the sampler hold stop ids back, which once indexed the logits with this id and
+    # failed the whole step. Refusing the id up front would be as good as serving the request.
+    engine = short_context_engine
+    good = engine.submit(PROMPT, GREEDY)
+    odd_params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, min_tokens=2,
+                                stop_token_ids=[VOCAB + 1000])
+    try:
+        odd = engine.submit(PROMPT, odd_params)
+    except InvalidRequestError as e:
+        assert "stop_token_ids" in str(e)
+        odd = None
+    assert finish_within(good)[-1].token_ids == expected
+    if odd is not None:
+        final = finish_within(odd)[-1]
+        assert (final.finish_reason, final.token_ids) == ("length", expected)
 
 
 def test_duplicate_request_id_is_refused(tiny, expected):

@@ -152,6 +152,15 @@ def test_greedy_and_sampled_rows_in_one_batch():
     assert {s for _, s in picks} == {0, 1}
 
 
+def test_min_tokens_bans_stop_ids_in_the_sampler_and_skips_ids_beyond_the_vocabulary():
+    params = SamplingParams(max_tokens=4, temperature=0.0, min_tokens=2, stop_token_ids=[0, 99])
+    request = Request("r", [0], params, RequestClass.ONLINE, frozenset({2}), max_model_len=1 << 20)
+    assert sample(PROBS.log().unsqueeze(0), [request]) == [1]  # 0 (stop id) and 2 (eos) held back
+    request.append_token(1)
+    request.append_token(1)
+    assert sample(PROBS.log().unsqueeze(0), [request]) == [0]  # min_tokens reached
+
+
 def test_seeded_sampler_rows_repeat_whatever_else_is_in_the_batch():
     def run(batch_size: int) -> list[int]:
         reqs = [Request(f"r{i}", [0], sampled(11 if i == 0 else None), RequestClass.ONLINE, frozenset(), 1 << 20)
