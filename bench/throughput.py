@@ -94,7 +94,7 @@ def main() -> int:
             print(f"[{name}] WARNING: generated {count} tokens, expected {expected}", file=sys.stderr)
         result["seconds"][name] = round(seconds, 3)
         if others_cpu is not None:
-            # On a 2-core machine, another busy process makes every tok/s figure here meaningless.
+            # On a 2-core machine another busy process skews every tok/s figure far beyond its CPU share.
             result.setdefault("other_processes_cores_busy", {})[name] = round(others_cpu / seconds, 2)
             if others_cpu / seconds > 0.1:
                 print(f"[{name}] WARNING: other processes kept {others_cpu / seconds:.2f} cores busy while timing",
