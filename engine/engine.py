@@ -168,6 +168,11 @@ class Engine:
             raise InvalidRequestError("prompt must be text, a list of token ids, or a list of chat messages")
         if not ids:
             raise InvalidRequestError("prompt is empty")
+        budget = self.config.max_num_batched_tokens
+        if not self.config.enable_chunked_prefill and len(ids) > budget:
+            raise InvalidRequestError(
+                f"prompt has {len(ids)} tokens but without chunked prefill a step holds at most {budget}; "
+                f"shorten the prompt")
         if len(ids) >= self.max_model_len:
             raise InvalidRequestError(
                 f"prompt has {len(ids)} tokens but the context holds {self.max_model_len} "
@@ -210,21 +215,39 @@ class Engine:
                     break
                 inbox, self._inbox = self._inbox, []
                 aborts, self._aborts = self._aborts, []
-            for req, stream, detok in inbox:
-                self._live[req.request_id] = (req, stream, detok)
-                self.scheduler.add(req)
-            for request_id in aborts:
-                if request_id in self._live:
-                    self._finish(request_id, "abort")
-            if self.scheduler.has_work():
-                self._step()
-        for request_id in list(self._live):
-            self._finish(request_id, "abort")
+            try:
+                for req, stream, detok in inbox:
+                    self._live[req.request_id] = (req, stream, detok)
+                    self.scheduler.add(req)
+                for request_id in aborts:
+                    if request_id in self._live:
+                        self._finish(request_id, "abort")
+                if self.scheduler.has_work() and not self._step():
+                    with self._wake:  # nothing could be scheduled: wait for a change instead of spinning
+                        self._wake.wait(timeout=0.05)
+            except Exception as exc:  # a bug must fail the requests in flight, not hang their callers
+                log.exception("engine loop failed")
+                self._fail_all(f"engine failure: {exc}")
+        with self._wake:
+            inbox, self._inbox = self._inbox, []
+        for req, stream, detok in inbox:
+            self._live[req.request_id] = (req, stream, detok)
+        self._fail_all(None)
 
-    def _step(self) -> None:
+    def _fail_all(self, error: str | None) -> None:
+        """End every live request (with `error`, or as a plain abort at shutdown)."""
+        for request_id in list(self._live):
+            try:
+                self._finish(request_id, "abort", error=error)
+            except Exception:
+                log.exception("could not finish request %s", request_id)
+                self._live.pop(request_id, None)
+
+    def _step(self) -> bool:
+        """Schedule and run one step; False if nothing could be scheduled."""
         sched = self.scheduler.schedule()
         if not sched.chunks:
-            return
+            return False
         started = time.monotonic()
         for c in sched.chunks:
             if c.request.times.first_scheduled is None:
@@ -235,7 +258,7 @@ class Engine:
             log.exception("engine step failed")
             for c in sched.chunks:
                 self._finish(c.request.request_id, "abort", error=f"engine step failed: {exc}")
-            return
+            return True
         prompt_tokens = 0
         for c in sched.chunks:
             req = c.request
@@ -253,6 +276,7 @@ class Engine:
             st.generation_tokens += len(sampled)
             st.num_preemptions = self.scheduler.num_preemptions
             self._refresh_counts(st)
+        return True
 
     def _emit_token(self, req: Request, token: int, now: float) -> None:
         if req.times.first_token is None:

@@ -92,7 +92,12 @@ class Scheduler:
         remaining = req.num_tokens - req.num_computed_tokens
         if remaining <= budget:
             return remaining
-        return budget if self.config.enable_chunked_prefill else 0
+        # Without chunked prefill a prompt waits for a step with room for all of it (prompts longer
+        # than a whole step are refused at submission). A preempted request recomputing prompt and
+        # output may have outgrown a step, so it is always recomputed in chunks.
+        if self.config.enable_chunked_prefill or req.num_output_tokens > 0:
+            return budget
+        return 0
 
     def _reserve_blocks(self, req: Request, n: int, out: SchedulerOutput) -> bool:
         """Give req the blocks its next n tokens need, preempting the latest-admitted running requests
