@@ -5,6 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from engine.config import EngineConfig
+from engine.engine import Engine
+from engine.loader import LoadedModel
 from engine.sampling_params import SamplingParams
 from tiny_models import build_tiny_model, prompt_of
 
@@ -90,3 +93,40 @@ def test_smollm2_greedy_chat_matches_transformers(smollm2, smollm2_engine, smoll
                                                    max_new_tokens=24, eos_token_id=None, pad_token_id=0)
         assert out.token_ids == reference[0, len(prompt):].tolist(), chat
         assert out.text == smollm2.tokenizer.decode(out.token_ids), chat
+
+
+# ---- bfloat16 -----------------------------------------------------------------------------------
+# bfloat16 keeps 8 significant bits, so greedy decoding may take a near-tie the other way: SmolLM2's
+# first answer token to "What is the capital of France?" is "The" (25.33) over "L" (25.24) in float32,
+# and bfloat16 rounds both to 25.375. What must hold is that every token the bfloat16 engine picks is,
+# by float32 transformers given the same prefix, within rounding error of the best one; a real bug
+# (wrong position, mask or cache slot) picks tokens whole logit units behind.
+
+def shortfall(logits: torch.Tensor, tokens: list[int]) -> float:
+    """The largest gap between the best logit and the chosen token's, over the positions."""
+    chosen = logits[torch.arange(len(tokens)), torch.tensor(tokens)]
+    return float((logits.max(dim=-1).values - chosen).max())
+
+
+@pytest.mark.parametrize("name", ["untied_gqa", "mistral", "four_layers_no_gqa"])
+def test_bfloat16_greedy_picks_are_float32_best_within_rounding(name):
+    tiny = build_tiny_model(**MODELS[name])
+    with tiny.engine(dtype="bfloat16") as engine:
+        outputs = engine.generate(PROMPTS, GREEDY)
+    for prompt, out in zip(PROMPTS, outputs):
+        # Logits here spread with a standard deviation of about 0.8.
+        assert shortfall(tiny.reference_logits(prompt, out.token_ids), out.token_ids) < 0.1
+
+
+def test_smollm2_bfloat16_greedy_picks_are_float32_best_within_rounding(smollm2, smollm2_reference):
+    prompts = [smollm2.tokenizer.apply_chat_template([{"role": "user", "content": c}]) for c in CHATS]
+    # The engine converts the float32 weights itself.
+    loaded = LoadedModel(smollm2.config, dict(smollm2.tensors), smollm2.tokenizer, smollm2.name)
+    with Engine(EngineConfig(dtype="bfloat16", device="cpu", num_kv_blocks=64), loaded=loaded) as engine:
+        outputs = engine.generate(prompts, SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True))
+    for chat, prompt, out in zip(CHATS, prompts, outputs):
+        with torch.inference_mode():
+            logits = smollm2_reference(torch.tensor([prompt + out.token_ids])).logits[0].float()
+        logits = logits[len(prompt) - 1: len(prompt) - 1 + len(out.token_ids)]
+        # SmolLM2's top logits are about 25, where bfloat16's spacing is 0.125.
+        assert shortfall(logits, out.token_ids) < 0.5, chat
