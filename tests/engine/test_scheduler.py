@@ -205,3 +205,15 @@ def test_every_budget_and_pool_combination_finishes_all_requests_and_returns_all
     assert all(r.finished for r in reqs)
     assert [r.num_output_tokens for r in reqs] == [12, 20, 6, 9, 1]
     assert s.pool.num_free == 12
+
+
+def test_without_chunking_a_preempted_request_that_outgrew_the_budget_is_recomputed_in_chunks():
+    s = scheduler(num_blocks=64, block_size=4, budget=8, chunked=False)
+    r = request("r", 6)
+    s.add(r)
+    for _ in range(4):
+        step(s)  # the prompt, then three decodes: 6 + 4 tokens, more than one step holds
+    s.preempt(r)
+    assert r.num_tokens == 10 and r.num_computed_tokens == 0
+    assert [chunks(step(s)) for _ in range(2)] == [[("r", 8)], [("r", 2)]]
+    assert r.num_output_tokens == 5
