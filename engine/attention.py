@@ -16,8 +16,8 @@ class PrefillGroup:
     num_seqs: int
     chunk_len: int
     context_len: int
-    # [num_seqs * blocks] the sequences' block tables, flattened, or None when the chunk is the whole
-    # context so far (no earlier tokens cached): then the chunk's own keys and values are used directly.
+    # Rows to gather for the sequences' context (see AttentionMetadata.decode_blocks), or None when
+    # the chunk is the whole context so far: then the chunk's own keys and values are used directly.
     context_blocks: torch.Tensor | None
     # [chunk_len, keys] float32: 0 where a query may look, -inf where it may not (later positions, and
     # the padding of the last gathered block).
@@ -31,7 +31,9 @@ class AttentionMetadata:
     The batch holds the single-token (decode) sequences first, then the prefill groups."""
     slot_mapping: torch.Tensor
     num_decodes: int = 0
-    decode_blocks: torch.Tensor | None = None  # [num_decodes * blocks] block tables, padded, flattened
+    # Block tables of the decodes, padded to the same width, as row numbers of a layer's cache viewed as
+    # [kv_heads * num_blocks, block_size * d], head-major: [kv_heads * num_decodes * blocks].
+    decode_blocks: torch.Tensor | None = None
     decode_bias: torch.Tensor | None = None    # [1, num_decodes, 1, 1, blocks * block_size]: -inf on padding
     prefill_groups: list[PrefillGroup] = field(default_factory=list)
 
@@ -85,11 +87,11 @@ class TorchAttentionBackend(AttentionBackend):
             parts.append(self._attend(q[rows], g.num_seqs, g.chunk_len, keys, values, g.bias))
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
-    def _gather(self, cache: torch.Tensor, blocks: torch.Tensor, num_seqs: int) -> torch.Tensor:
-        """[kvh, num_seqs, blocks * block_size, d]. Whole blocks are copied: 3x faster than token slots."""
-        kvh, d = self.num_kv_heads, self.head_dim
-        by_block = cache.view(kvh, -1, self.block_size * d)
-        return by_block.index_select(1, blocks).view(kvh, num_seqs, -1, d)
+    def _gather(self, cache: torch.Tensor, rows: torch.Tensor, num_seqs: int) -> torch.Tensor:
+        """[kvh, num_seqs, blocks * block_size, d]. Whole blocks along the first axis: index_select's
+        fast path there measured 5x faster than along the block axis, and 3x than by token slot."""
+        d = self.head_dim
+        return cache.view(-1, self.block_size * d).index_select(0, rows).view(self.num_kv_heads, num_seqs, -1, d)
 
     def _kv_head_major(self, x: torch.Tensor, n: int, t: int) -> torch.Tensor:
         return x.view(n, t, self.num_kv_heads, self.head_dim).permute(2, 0, 1, 3).contiguous()

@@ -47,8 +47,30 @@ class EngineStats:
 
 class Engine:
     def __init__(self, config: EngineConfig | None = None, *, loaded: LoadedModel | None = None):
-        """Load the model (or use `loaded`, e.g. a model built in memory) and start the step loop."""
-        self.config = config = config or EngineConfig()
+        """Load the model (or use `loaded`, e.g. a model built in memory) and start the step loop.
+        Raises what loading raises (ModelLoadError, InvalidRequestError for bad settings)."""
+        self.config = config or EngineConfig()
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._inbox: list[tuple[Request, RequestStream, IncrementalDetokenizer | None]] = []
+        self._aborts: list[str] = []
+        self._live: dict[str, tuple[Request, RequestStream, IncrementalDetokenizer | None]] = {}
+        self._ids = itertools.count()
+        self._stopping = False
+        self._ready = threading.Event()
+        self._load_error: BaseException | None = None
+        # Loading runs on the engine thread too: once a thread has run parallel torch ops, its OpenMP
+        # team competes with any other thread's, and steps on the engine thread ran 1.5x slower when
+        # the caller's thread had done the loading (measured on 2 cores).
+        self._thread = threading.Thread(target=self._run, args=(loaded,), name="conserve-engine", daemon=True)
+        self._thread.start()
+        self._ready.wait()
+        if self._load_error is not None:
+            self._thread.join()
+            raise self._load_error
+
+    def _build(self, loaded: LoadedModel | None) -> None:
+        config = self.config
         dtype, self.device = config.torch_dtype(), config.torch_device()
         keep_large_allocations_in_heap()
         loaded = loaded or load_model(config.model, dtype)
@@ -69,18 +91,18 @@ class Engine:
         self.runner = ModelRunner(model, self.kv_cache, self.device)
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
                                                    config.enable_chunked_prefill), self.pool)
-
-        self._lock = threading.Lock()
-        self._wake = threading.Condition(self._lock)
-        self._inbox: list[tuple[Request, RequestStream, IncrementalDetokenizer | None]] = []
-        self._aborts: list[str] = []
-        self._live: dict[str, tuple[Request, RequestStream, IncrementalDetokenizer | None]] = {}
-        self._ids = itertools.count()
         self._stats = EngineStats(num_free_blocks=num_blocks, num_total_blocks=num_blocks)
         self._started = time.monotonic()
-        self._stopping = False
-        self._thread = threading.Thread(target=self._loop, name="conserve-engine", daemon=True)
-        self._thread.start()
+
+    def _run(self, loaded: LoadedModel | None) -> None:
+        try:
+            self._build(loaded)
+        except BaseException as exc:  # handed to the constructor's caller
+            self._load_error = exc
+            return
+        finally:
+            self._ready.set()
+        self._loop()
 
     # ---- public API -------------------------------------------------------------------------
 

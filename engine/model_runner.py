@@ -27,6 +27,9 @@ class ModelRunner:
         self.model = model
         self.kv_cache = kv_cache
         self.block_size = kv_cache.block_size
+        num_kv_heads = kv_cache.keys[0].shape[0]
+        # Row offsets of each KV head's blocks in a cache viewed as [kv_heads * num_blocks, ...].
+        self._head_offsets = (torch.arange(num_kv_heads, device=device) * kv_cache.num_blocks).unsqueeze(1)
         self.device = device
 
     @torch.inference_mode()
@@ -96,12 +99,12 @@ class ModelRunner:
         )
 
     def _block_tables(self, requests: list[Request], context_lens: list[int]) -> tuple[torch.Tensor, int]:
-        """Block tables covering each request's first context_lens tokens, padded to the longest with
-        block 0 (hidden by the bias) and flattened; and the number of key positions they cover."""
+        """Cache rows to gather (AttentionMetadata.decode_blocks) for each request's first context_lens
+        tokens, padded to the longest with block 0 (hidden by the bias); and the key positions covered."""
         tables = [r.block_ids[: -(-n // self.block_size)] for r, n in zip(requests, context_lens)]
         width = max(len(t) for t in tables)
-        flat = [b for t in tables for b in t + [0] * (width - len(t))]
-        return torch.tensor(flat, device=self.device), width * self.block_size
+        flat = torch.tensor([b for t in tables for b in t + [0] * (width - len(t))], device=self.device)
+        return (self._head_offsets + flat).flatten(), width * self.block_size
 
     def _bias(self, hidden: torch.Tensor) -> torch.Tensor:
         return torch.zeros(hidden.shape, device=self.device).masked_fill_(hidden, float("-inf"))
