@@ -36,7 +36,10 @@ def _build_parser() -> argparse.ArgumentParser:
                       help="sampling temperature; 0 (the default) is greedy")
     chat.add_argument("--top-p", type=_unit_interval, default=1.0, help="nucleus sampling cut, in (0, 1]")
     chat.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
-    chat.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="weight and compute dtype")
+    # float32 by default: one chat is latency-bound, not throughput-bound, and float32 gives the model's
+    # exact answers (bfloat16 rounding can flip near-tied tokens: SmolLM2 then names the wrong capital).
+    chat.add_argument("--dtype", choices=DTYPES, default="float32",
+                      help="weight and compute dtype (default float32; bfloat16 is faster for big batches)")
     chat.add_argument("--model", type=_existing_path, default=None,
                       help="a Hugging Face model directory or a .gguf file (default: bundled SmolLM2-135M-Instruct)")
     chat.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: CUDA when present, else CPU)")
