@@ -288,8 +288,7 @@ class Engine:
             prompt_tokens += max(0, min(start + c.num_tokens, req.num_prompt_tokens) - start)
             req.num_computed_tokens += c.num_tokens
         now = time.monotonic()
-        for req, token in sampled:
-            self._emit_token(req, token, now)
+        # Counters first, so a caller that holds a request's final output never reads older stats.
         with self._lock:
             st = self._stats
             st.num_steps += 1
@@ -297,7 +296,10 @@ class Engine:
             st.prompt_tokens += prompt_tokens
             st.generation_tokens += len(sampled)
             st.num_preemptions = self.scheduler.num_preemptions
-            self._refresh_counts(st)
+        for req, token in sampled:
+            self._emit_token(req, token, now)
+        with self._lock:
+            self._refresh_counts(self._stats)
         return True
 
     def _emit_token(self, req: Request, token: int, now: float) -> None:
@@ -320,6 +322,8 @@ class Engine:
                 error: str | None = None) -> None:
         req, stream, detok = self._live.pop(request_id)
         self.scheduler.finish(req)
+        with self._lock:
+            self._refresh_counts(self._stats)
         req.finish_reason = reason
         req.times.finished = time.monotonic()
         if detok is not None:
@@ -334,8 +338,6 @@ class Engine:
             num_prompt_tokens=req.num_prompt_tokens, num_output_tokens=req.num_output_tokens,
             text=detok.text if detok is not None else "", token_ids=req.output_token_ids,
             metrics=metrics, error=error))
-        with self._lock:
-            self._refresh_counts(self._stats)
 
     def _refresh_counts(self, st: EngineStats) -> None:
         for name, queue in (("num_running", self.scheduler.running), ("num_waiting", self.scheduler.waiting)):
