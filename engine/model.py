@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from engine.attention import AttentionBackend, AttentionMetadata
 from engine.errors import ModelLoadError
 from engine.kv_cache import KVCache
+from engine.linear import Linear
 from engine.model_config import ModelConfig
 from engine.rope import RotaryEmbedding, apply_rotary
 
@@ -20,11 +21,11 @@ Safepoint = Callable[[int], None]
 @dataclass
 class LayerWeights:
     input_norm: torch.Tensor
-    qkv: torch.Tensor        # q, k and v projections stacked: one matrix product instead of three
-    o: torch.Tensor
+    qkv: Linear              # q, k and v projections stacked: one matrix product instead of three
+    o: Linear
     post_norm: torch.Tensor
-    gate_up: torch.Tensor    # gate and up projections stacked
-    down: torch.Tensor
+    gate_up: Linear          # gate and up projections stacked
+    down: Linear
 
 
 class LlamaModel:
@@ -47,14 +48,15 @@ class LlamaModel:
             p = f"model.layers.{i}."
             self.layers.append(LayerWeights(
                 input_norm=take(p + "input_layernorm.weight"),
-                qkv=torch.cat([take(p + f"self_attn.{n}_proj.weight") for n in "qkv"]).contiguous(),
-                o=take(p + "self_attn.o_proj.weight"),
+                qkv=Linear(torch.cat([take(p + f"self_attn.{n}_proj.weight") for n in "qkv"]).contiguous()),
+                o=Linear(take(p + "self_attn.o_proj.weight")),
                 post_norm=take(p + "post_attention_layernorm.weight"),
-                gate_up=torch.cat([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")]).contiguous(),
-                down=take(p + "mlp.down_proj.weight"),
+                gate_up=Linear(torch.cat([take(p + "mlp.gate_proj.weight"),
+                                          take(p + "mlp.up_proj.weight")]).contiguous()),
+                down=Linear(take(p + "mlp.down_proj.weight")),
             ))
         self.norm = take("model.norm.weight")
-        self.lm_head = take("lm_head.weight") if "lm_head.weight" in tensors else self.embed
+        self.lm_head = Linear(take("lm_head.weight") if "lm_head.weight" in tensors else self.embed)
         self.rope = RotaryEmbedding(config, max_positions, dtype, device)
         h, kvh, d = config.num_attention_heads, config.num_key_value_heads, config.head_dim
         self._qkv_split = [h * d, kvh * d, kvh * d]
@@ -73,15 +75,15 @@ class LlamaModel:
             if safepoint is not None:
                 safepoint(i)
             x = F.rms_norm(h, (h.shape[-1],), layer.input_norm, eps)
-            qkv = F.linear(x, layer.qkv)
+            qkv = layer.qkv(x)
             qk = qkv[:, : (heads + kv_heads) * d].view(n, heads + kv_heads, d)
             qk = apply_rotary(qk, cos, sin)
             q, k = qk[:, :heads], qk[:, heads:]
             v = qkv[:, (heads + kv_heads) * d:].view(n, kv_heads, d)
             attn = self.backend.forward(q, k, v, kv_cache.keys[i], kv_cache.values[i], meta)
-            h = h + F.linear(attn, layer.o)
+            h = h + layer.o(attn)
             x = F.rms_norm(h, (h.shape[-1],), layer.post_norm, eps)
-            gate, up = F.linear(x, layer.gate_up).chunk(2, dim=-1)
-            h = h + F.linear(F.silu(gate) * up, layer.down)
+            gate, up = layer.gate_up(x).chunk(2, dim=-1)
+            h = h + layer.down(F.silu(gate) * up)
         h = F.rms_norm(h[logits_indices], (h.shape[-1],), self.norm, eps)
-        return F.linear(h, self.lm_head).float()
+        return self.lm_head(h).float()
