@@ -7,7 +7,9 @@ tokens per second for each and writes them to --json.
     python bench/throughput.py --json bench/results/throughput.json \
         [--vllm-python /tmp/vllm-peer/venv/bin/python] [--skip-engine] [--skip-transformers]
 
-Only the generate call is timed, after a short warm-up, so model loading is not counted for anyone.
+Only the generate call is timed, after a short warm-up, so model loading is not counted for anyone;
+each system runs the workload --repeats times and its median run is reported (the machine is shared
+and noisy: single runs of the same build varied by 10%).
 """
 from __future__ import annotations
 
@@ -55,9 +57,9 @@ with lights was a sign of a country that expected visitors and wanted them to ar
 """
 WINDOW_STRIDE = 7  # start of prompt i is i * 7 tokens into the text: prompts overlap but never repeat
 WARMUP_PROMPTS, WARMUP_TOKENS = 2, 8
-# What each system's run returns: seconds of the timed generate call, the generated token ids per
-# prompt, and CPU seconds other processes used meanwhile (None where that cannot be read).
-Timed = tuple[float, list[list[int]], float | None]
+# What each system's runs return: seconds of each timed generate call, the generated token ids per
+# prompt, and CPU seconds other processes used during each call (None where that cannot be read).
+Timed = tuple[list[float], list[list[int]], list[float | None]]
 
 
 def main() -> int:
@@ -87,7 +89,10 @@ def main() -> int:
             continue
         print(f"[{name}] running {args.num_prompts} x ({args.input_len} in, {args.output_len} out) ...",
               file=sys.stderr, flush=True)
-        seconds, token_ids, others_cpu = run()
+        all_seconds, token_ids, all_others = run()
+        median = sorted(range(len(all_seconds)), key=all_seconds.__getitem__)[len(all_seconds) // 2]
+        seconds, others_cpu = all_seconds[median], all_others[median]
+        result.setdefault("runs_seconds", {})[name] = [round(x, 3) for x in all_seconds]
         gc.collect()
         count = sum(len(t) for t in token_ids)
         if count != expected:
@@ -129,13 +134,14 @@ def _parse_args() -> argparse.Namespace:
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per system; the median is reported")
     p.add_argument("--vllm-python", help="python of an environment with vLLM (see shared/tools/vllm-peer-setup.sh)")
     p.add_argument("--vllm-model", help="HF model directory for vLLM (default: smollm2-hf beside that venv)")
     p.add_argument("--skip-engine", action="store_true", help="measure only the baselines")
     p.add_argument("--skip-transformers", action="store_true")
     args = p.parse_args()
-    if min(args.num_prompts, args.input_len, args.output_len) < 1:
-        p.error("--num-prompts, --input-len and --output-len must be >= 1")
+    if min(args.num_prompts, args.input_len, args.output_len, args.repeats) < 1:
+        p.error("--num-prompts, --input-len, --output-len and --repeats must be >= 1")
     return args
 
 
@@ -177,12 +183,10 @@ def run_engine(prompts: list[list[int]], args: argparse.Namespace) -> Timed:
         engine.generate(prompts[:WARMUP_PROMPTS],
                         SamplingParams(max_tokens=WARMUP_TOKENS, temperature=0.0, ignore_eos=True))
         params = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True)
-        before, start = cpu_by_process(), time.perf_counter()
-        outs = engine.generate(prompts, params)
-        seconds, after = time.perf_counter() - start, cpu_by_process()
+        seconds, outs, others = _repeat(lambda: engine.generate(prompts, params), args.repeats)
     finally:
         engine.shutdown()
-    return seconds, [list(o.token_ids) for o in outs], others_cpu_seconds(before, after)
+    return seconds, [list(o.token_ids) for o in outs], others
 
 
 def run_transformers(prompts: list[list[int]], gguf_dir: str, gguf_name: str,
@@ -205,11 +209,20 @@ def run_transformers(prompts: list[list[int]], gguf_dir: str, gguf_name: str,
         return out[:, input_ids.shape[1]:]
 
     generate(prompts[:WARMUP_PROMPTS], WARMUP_TOKENS)
-    before, start = cpu_by_process(), time.perf_counter()
-    new = generate(prompts, args.output_len)
-    seconds, after = time.perf_counter() - start, cpu_by_process()
+    seconds, new, others = _repeat(lambda: generate(prompts, args.output_len), args.repeats)
     del model
-    return seconds, new.tolist(), others_cpu_seconds(before, after)
+    return seconds, new.tolist(), others
+
+
+def _repeat(generate, repeats: int) -> tuple[list[float], object, list[float | None]]:
+    """Time `repeats` calls of generate(); return their seconds, the last result, and others' CPU time."""
+    seconds, others, result = [], [], None
+    for _ in range(repeats):
+        before, start = cpu_by_process(), time.perf_counter()
+        result = generate()
+        seconds.append(time.perf_counter() - start)
+        others.append(others_cpu_seconds(before, cpu_by_process()))
+    return seconds, result, others
 
 
 # Runs inside the vLLM environment. vLLM starts workers with spawn, hence the __main__ guard.
@@ -228,12 +241,15 @@ def main():
     warm = SamplingParams(max_tokens=job["warmup_tokens"], temperature=0.0, ignore_eos=True)
     llm.generate(prompts[:job["warmup_prompts"]], warm, use_tqdm=False)
     params = SamplingParams(max_tokens=job["output_len"], temperature=0.0, ignore_eos=True)
-    before, start = cpu_by_process(), time.perf_counter()
-    outs = llm.generate(prompts, params, use_tqdm=False)
-    seconds, after = time.perf_counter() - start, cpu_by_process()
+    seconds, others = [], []
+    for _ in range(job["repeats"]):
+        before, start = cpu_by_process(), time.perf_counter()
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        seconds.append(time.perf_counter() - start)
+        others.append(others_cpu_seconds(before, cpu_by_process()))
     token_ids = [list(o.outputs[0].token_ids) for o in outs]
     json.dump({"seconds": seconds, "token_ids": token_ids, "version": vllm.__version__,
-               "others_cpu": others_cpu_seconds(before, after)}, open(job["result"], "w"))
+               "others_cpu": others}, open(job["result"], "w"))
 
 if __name__ == "__main__":
     main()
@@ -254,7 +270,8 @@ def run_vllm(prompts: list[list[int]], args: argparse.Namespace) -> Timed:
         child.write_text(VLLM_CHILD.replace("{helpers}", helpers))
         job.write_text(json.dumps({"model": model, "dtype": args.dtype, "prompts": prompts,
                                    "output_len": args.output_len, "result": str(result),
-                                   "warmup_prompts": WARMUP_PROMPTS, "warmup_tokens": WARMUP_TOKENS}))
+                                   "warmup_prompts": WARMUP_PROMPTS, "warmup_tokens": WARMUP_TOKENS,
+                                   "repeats": args.repeats}))
         # env.sh binds vLLM's OpenMP threads to every core (its default leaves one idle) and keeps it offline.
         if env_sh.exists():
             command = ["bash", "-c", 'source "$1" && exec "$2" "$3" "$4"', "_", str(env_sh),
