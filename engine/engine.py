@@ -6,7 +6,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 
@@ -20,15 +20,12 @@ from engine.loader import LoadedModel, load_model
 from engine.model import LlamaModel
 from engine.model_runner import ModelRunner
 from engine.output import RequestMetrics, RequestOutput, RequestStream
+from engine.prompt import Prompt, prompt_token_ids
 from engine.request import Request, RequestClass
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerConfig
 
 log = logging.getLogger(__name__)
-
-# A prompt is raw text, token ids, or chat messages ({"role", "content"} dicts).
-Prompt = str | Sequence[int] | Sequence[dict[str, Any]]
-
 
 @dataclass
 class EngineStats:
@@ -37,7 +34,7 @@ class EngineStats:
     kv_usage: float = 0.0                # fraction of KV blocks in use
     num_free_blocks: int = 0
     num_total_blocks: int = 0
-    prompt_tokens: int = 0               # tokens prefilled (recomputation included)
+    prompt_tokens: int = 0               # prompt tokens computed (again, after a preemption)
     generation_tokens: int = 0           # tokens sampled
     num_steps: int = 0
     num_preemptions: int = 0
@@ -175,21 +172,7 @@ class Engine:
     # ---- input ------------------------------------------------------------------------------
 
     def _prompt_token_ids(self, prompt: Prompt) -> list[int]:
-        if isinstance(prompt, str):
-            if not prompt:
-                raise InvalidRequestError("prompt is empty")
-            ids = self._need_tokenizer().encode(prompt)
-        elif isinstance(prompt, Sequence) and prompt and all(isinstance(m, dict) for m in prompt):
-            ids = self._need_tokenizer().apply_chat_template(list(prompt))
-        elif isinstance(prompt, Sequence) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            ids = list(prompt)
-            vocab = self.model_config.vocab_size
-            if any(not 0 <= t < vocab for t in ids):
-                raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})")
-        else:
-            raise InvalidRequestError("prompt must be text, a list of token ids, or a list of chat messages")
-        if not ids:
-            raise InvalidRequestError("prompt is empty")
+        ids = prompt_token_ids(prompt, self.tokenizer, self.model_config.vocab_size)
         budget = self.config.max_num_batched_tokens
         if not self.config.enable_chunked_prefill and len(ids) > budget:
             raise InvalidRequestError(
@@ -200,11 +183,6 @@ class Engine:
                 f"prompt has {len(ids)} tokens but the context holds {self.max_model_len} "
                 f"(prompt plus at least one generated token); shorten the prompt")
         return ids
-
-    def _need_tokenizer(self):
-        if self.tokenizer is None:
-            raise InvalidRequestError("this model has no tokenizer; send token ids")
-        return self.tokenizer
 
     def _kv_pool_blocks(self, loaded: LoadedModel, dtype: torch.dtype) -> int:
         cfg = self.config
