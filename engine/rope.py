@@ -41,16 +41,18 @@ class RotaryEmbedding:
         inv_freq = inverse_frequencies(config)
         t = torch.arange(max_positions, dtype=torch.float32)
         freqs = torch.outer(t, inv_freq)
-        # Half-width tables: rotate-half pairs dimension i with i + d/2, both using frequency i.
-        self.cos = freqs.cos().to(dtype=dtype, device=device)
-        self.sin = freqs.sin().to(dtype=dtype, device=device)
+        cos, sin = freqs.cos(), freqs.sin()
+        # Full-width tables for rotate-half, which pairs dimension i with i + d/2 at frequency i; the
+        # sine table carries the rotation's sign, so applying it takes four ops (see apply_rotary).
+        self.cos = torch.cat((cos, cos), dim=-1).to(dtype=dtype, device=device)
+        self.signed_sin = torch.cat((-sin, sin), dim=-1).to(dtype=dtype, device=device)
 
     def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin of shape [N, 1, d/2], ready to broadcast over heads."""
-        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+        """cos and signed sin of shape [N, 1, d], ready to broadcast over heads."""
+        return self.cos[positions].unsqueeze(1), self.signed_sin[positions].unsqueeze(1)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [N, heads, d] by the rotate-half convention of Hugging Face's Llama."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [N, heads, d] by the rotate-half convention of Hugging Face's Llama:
+    x * cos + cat(-x2, x1) * sin, where x.roll(d/2) * signed_sin is that second term, bit for bit."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
