@@ -107,9 +107,9 @@ class TorchAttentionBackend(AttentionBackend):
         for lo in range(0, t, step):
             hi = min(t, lo + step)
             qs = qg[:, :, :, lo:hi].reshape(kvh, n, g * (hi - lo), d)
-            scores = torch.matmul(qs, keys.transpose(-1, -2)).float().mul_(self.scale)
-            scores = scores.view(kvh, n, g, hi - lo, context)
-            scores = scores + (bias[lo:hi] if bias.dim() == 2 else bias)
+            scores = torch.matmul(qs, keys.transpose(-1, -2)).view(kvh, n, g, hi - lo, context)
+            # One op scales, masks and widens to float32 (the bias is float32) for the softmax.
+            scores = torch.add(bias[lo:hi] if bias.dim() == 2 else bias, scores, alpha=self.scale)
             probs = scores.softmax(dim=-1).to(q.dtype).view(kvh, n, g * (hi - lo), context)
             outs.append(torch.matmul(probs, values).view(kvh, n, g, hi - lo, d))
         out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=3)
