@@ -25,6 +25,17 @@ class EngineConfig:
     max_model_len: int | None = None   # default: the model's context, capped by what the pool holds
     enable_chunked_prefill: bool = True
 
+    def validate(self) -> None:
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "num_kv_blocks", "kv_cache_bytes",
+                     "max_model_len"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise InvalidRequestError(f"{name} must be a positive integer, got {value!r}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise InvalidRequestError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
+        self.torch_dtype()
+        self.torch_device()
+
     def torch_dtype(self) -> torch.dtype:
         try:
             return DTYPES[self.dtype]
@@ -35,6 +46,9 @@ class EngineConfig:
         if self.device is None:
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         try:
-            return torch.device(self.device)
+            device = torch.device(self.device)
         except RuntimeError:
             raise InvalidRequestError(f"unknown device {self.device!r}; use cpu, cuda or cuda:N") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise InvalidRequestError(f"device {self.device!r} asked for, but this torch sees no CUDA device")
+        return device

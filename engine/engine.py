@@ -47,6 +47,7 @@ class Engine:
         """Load the model (or use `loaded`, e.g. a model built in memory) and start the step loop.
         Raises what loading raises (ModelLoadError, InvalidRequestError for bad settings)."""
         self.config = config or EngineConfig()
+        self.config.validate()
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._inbox: list[tuple[Request, RequestStream, IncrementalDetokenizer | None]] = []

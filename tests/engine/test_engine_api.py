@@ -335,3 +335,14 @@ def test_stats_count_running_requests_by_class(tiny, wait_for_stats):
         offline.cancel()
         finish_within(online), finish_within(offline)
         wait_for_stats(engine, lambda s: s.num_running == IDLE and s.num_free_blocks == s.num_total_blocks)
+
+
+@pytest.mark.parametrize("settings", [
+    dict(block_size=0), dict(max_num_seqs=0), dict(max_num_batched_tokens=-5), dict(num_kv_blocks=0),
+    dict(dtype="int8"), dict(device="tpu"), dict(gpu_memory_utilization=1.5),
+])
+def test_bad_engine_settings_are_refused_before_loading(settings):
+    from engine.config import EngineConfig
+    from engine.engine import Engine
+    with pytest.raises(InvalidRequestError):
+        Engine(EngineConfig(**settings))
