@@ -41,10 +41,15 @@ def make_request(i: int, length: int, cached: int, pool: BlockPool) -> Request:
     return req
 
 
-@pytest.mark.parametrize("max_score_bytes", [64 << 20, 256])  # the small value forces query slicing
-def test_paged_attention_matches_reference_for_mixed_batch(max_score_bytes, monkeypatch):
+@pytest.mark.parametrize("max_score_bytes, sdpa_min_chunk", [
+    (64 << 20, 1 << 20),  # continued prefill chunks on the matmul path
+    (256, 1 << 20),       # tiny score budget: query slicing
+    (64 << 20, 2),        # continued prefill chunks on scaled_dot_product_attention
+])
+def test_paged_attention_matches_reference_for_mixed_batch(max_score_bytes, sdpa_min_chunk, monkeypatch):
     torch.manual_seed(0)
     monkeypatch.setattr(TorchAttentionBackend, "max_score_bytes", max_score_bytes)
+    monkeypatch.setattr(TorchAttentionBackend, "sdpa_min_chunk", sdpa_min_chunk)
     pool = BlockPool(64, BLOCK)
     cache = KVCache(CONFIG, 64, BLOCK, torch.float32, torch.device("cpu"))
     # (total tokens, tokens already cached, tokens this step): decodes of different context lengths,
