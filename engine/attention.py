@@ -16,7 +16,6 @@ class PrefillGroup:
     token_start: int
     num_seqs: int
     chunk_len: int
-    context_len: int
     # Rows to gather for the sequences' context (see AttentionMetadata.decode_blocks), or None when
     # the chunk is the whole context so far: then the chunk's own keys and values are used directly.
     context_blocks: torch.Tensor | None

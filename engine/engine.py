@@ -275,10 +275,9 @@ class Engine:
             st.prompt_tokens += prompt_tokens
             st.generation_tokens += len(sampled)
             st.num_preemptions = self.scheduler.num_preemptions
+            self._refresh_counts(st)  # admissions and preemptions; _finish refreshes for each finish
         for req, token in sampled:
             self._emit_token(req, token, now)
-        with self._lock:
-            self._refresh_counts(self._stats)
         return True
 
     def _emit_token(self, req: Request, token: int, now: float) -> None:

@@ -13,6 +13,11 @@ class OutOfBlocksError(EngineError):
     """The pool has fewer free blocks than a request asked for."""
 
 
+def blocks_for(num_tokens: int, block_size: int) -> int:
+    """Blocks needed to hold num_tokens tokens."""
+    return -(-num_tokens // block_size)
+
+
 class BlockPool:
     """Free list of block ids. Knows nothing of tensors, so the scheduler can plan with it alone."""
 
@@ -28,7 +33,7 @@ class BlockPool:
         return len(self._free)
 
     def blocks_for(self, num_tokens: int) -> int:
-        return -(-num_tokens // self.block_size)
+        return blocks_for(num_tokens, self.block_size)
 
     def allocate(self, n: int) -> list[int]:
         if n > len(self._free):

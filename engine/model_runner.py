@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.attention import AttentionMetadata, PrefillGroup
-from engine.kv_cache import KVCache
+from engine.kv_cache import KVCache, blocks_for
 from engine.model import LlamaModel, Safepoint
 from engine.request import Request
 from engine.sampler import sample
@@ -87,7 +87,7 @@ class ModelRunner:
             query_pos = torch.arange(cached, context_len, device=dev).unsqueeze(1)
             hidden = torch.arange(keys, device=dev).unsqueeze(0) > query_pos  # later tokens and padding
             meta.prefill_groups.append(
-                PrefillGroup(token_start, len(members), chunk_len, context_len, blocks, self._bias(hidden)))
+                PrefillGroup(token_start, len(members), chunk_len, blocks, self._bias(hidden)))
             token_start += len(members) * chunk_len
 
         return StepBatch(
@@ -101,7 +101,7 @@ class ModelRunner:
     def _block_tables(self, requests: list[Request], context_lens: list[int]) -> tuple[torch.Tensor, int]:
         """Cache rows to gather (AttentionMetadata.decode_blocks) for each request's first context_lens
         tokens, padded to the longest with block 0 (hidden by the bias); and the key positions covered."""
-        tables = [r.block_ids[: -(-n // self.block_size)] for r, n in zip(requests, context_lens)]
+        tables = [r.block_ids[: blocks_for(n, self.block_size)] for r, n in zip(requests, context_lens)]
         width = max(len(t) for t in tables)
         flat = torch.tensor([b for t in tables for b in t + [0] * (width - len(t))], device=self.device)
         return (self._head_offsets + flat).flatten(), width * self.block_size

@@ -34,7 +34,6 @@ class Request:
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                  request_class: RequestClass, eos_token_ids: frozenset[int], max_model_len: int):
         self.request_id = request_id
-        self.prompt_token_ids = prompt_token_ids
         self.params = params
         self.request_class = request_class
         self.token_ids = list(prompt_token_ids)  # prompt then output; grows as tokens are sampled
