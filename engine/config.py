@@ -24,6 +24,16 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None   # default: the model's context, capped by what the pool holds
     enable_chunked_prefill: bool = True
+    # ---- co-serving (engine/policy.py names the policies) ----
+    policy: str = "conserve"           # "online-only", "fcfs", "priority" or "conserve"
+    slo_ttft_ms: float = 1000.0        # online time-to-first-token target
+    slo_tpot_ms: float = 100.0         # online time-per-output-token target: caps the predicted step time
+                                       # of steps that carry offline tokens beside online decodes
+    offline_max_batched_tokens: int | None = None  # budget of steps with no online work (default: max_num_batched_tokens)
+    preemption_mode: str = "park"      # layer-wise preemption: "park" the hidden state or "discard" the step
+    checkpoint_bytes: int | None = None  # host KV checkpoint store; default: as large as the device pool; 0 = off
+    online_reserve_fraction: float = 0.1  # share of KV blocks offline admission leaves free for online bursts
+    profile_cache_dir: str | Path | None = None  # cached step-latency profiles; default ~/.cache/conserve/profiles
 
     def validate(self) -> None:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "num_kv_blocks", "kv_cache_bytes",
@@ -35,6 +45,23 @@ class EngineConfig:
             raise InvalidRequestError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
         self.torch_dtype()
         self.torch_device()
+        from engine.policy import Policy  # policy.py needs nothing from here; imported late to stay one-way
+        Policy.parse(self.policy)
+        if self.preemption_mode not in ("park", "discard"):
+            raise InvalidRequestError(f"preemption_mode must be 'park' or 'discard', got {self.preemption_mode!r}")
+        for name in ("slo_ttft_ms", "slo_tpot_ms"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise InvalidRequestError(f"{name} must be a positive number, got {value!r}")
+        if self.offline_max_batched_tokens is not None and (
+                not isinstance(self.offline_max_batched_tokens, int) or self.offline_max_batched_tokens < 1):
+            raise InvalidRequestError(
+                f"offline_max_batched_tokens must be a positive integer, got {self.offline_max_batched_tokens!r}")
+        if self.checkpoint_bytes is not None and (not isinstance(self.checkpoint_bytes, int) or self.checkpoint_bytes < 0):
+            raise InvalidRequestError(f"checkpoint_bytes must be a non-negative integer, got {self.checkpoint_bytes!r}")
+        if not 0.0 <= self.online_reserve_fraction < 1.0:
+            raise InvalidRequestError(
+                f"online_reserve_fraction must be in [0, 1), got {self.online_reserve_fraction!r}")
 
     def torch_dtype(self) -> torch.dtype:
         try:
