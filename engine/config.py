@@ -34,6 +34,7 @@ class EngineConfig:
     checkpoint_bytes: int | None = None  # host KV checkpoint store; default: as large as the device pool; 0 = off
     online_reserve_fraction: float = 0.1  # share of KV blocks offline admission leaves free for online bursts
     profile_cache_dir: str | Path | None = None  # cached step-latency profiles; default ~/.cache/conserve/profiles
+    profile_seconds: float = 5.0       # time spent profiling step latency when no cached profile fits
 
     def validate(self) -> None:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "num_kv_blocks", "kv_cache_bytes",
@@ -49,7 +50,7 @@ class EngineConfig:
         Policy.parse(self.policy)
         if self.preemption_mode not in ("park", "discard"):
             raise InvalidRequestError(f"preemption_mode must be 'park' or 'discard', got {self.preemption_mode!r}")
-        for name in ("slo_ttft_ms", "slo_tpot_ms"):
+        for name in ("slo_ttft_ms", "slo_tpot_ms", "profile_seconds"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise InvalidRequestError(f"{name} must be a positive number, got {value!r}")

@@ -11,6 +11,7 @@ from typing import Sequence
 import torch
 
 from engine.attention import TorchAttentionBackend
+from engine.checkpoint import Checkpointer, HostKVStore
 from engine.config import EngineConfig
 from engine.cpu_tuning import keep_large_allocations_in_heap
 from engine.detokenizer import IncrementalDetokenizer
@@ -18,12 +19,14 @@ from engine.errors import InvalidRequestError
 from engine.kv_cache import BlockPool, KVCache, kv_bytes_per_block
 from engine.loader import LoadedModel, load_model
 from engine.model import LlamaModel
-from engine.model_runner import ModelRunner
+from engine.model_runner import ModelRunner, ParkedStep
 from engine.output import RequestMetrics, RequestOutput, RequestStream
+from engine.policy import Policy
+from engine.profiler import device_key, load_or_profile, profile_cost_model
 from engine.prompt import Prompt, prompt_token_ids
 from engine.request import Request, RequestClass
 from engine.sampling_params import SamplingParams
-from engine.scheduler import Scheduler, SchedulerConfig
+from engine.scheduler import ScheduledChunk, Scheduler, SchedulerConfig
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +39,16 @@ class EngineStats:
     num_total_blocks: int = 0
     prompt_tokens: int = 0               # prompt tokens computed (again, after a preemption)
     generation_tokens: int = 0           # tokens sampled
+    # Progress by request class: prompt tokens computed for the first time, and tokens sampled.
+    prompt_tokens_by_class: dict[str, int] = field(default_factory=lambda: {"online": 0, "offline": 0})
+    generation_tokens_by_class: dict[str, int] = field(default_factory=lambda: {"online": 0, "offline": 0})
+    recomputed_tokens: int = 0           # tokens computed again after an eviction (not restored from a checkpoint)
+    layer_yields: int = 0                # steps stopped at a safepoint for newly arrived online work
+    discarded_tokens: int = 0            # tokens of steps a yield threw away (preemption_mode "discard")
+    checkpointed_tokens: int = 0         # offline tokens whose KV reached the host checkpoint store
+    restored_tokens: int = 0             # tokens restored from the store instead of recomputed
+    checkpoint_store_full: int = 0       # requests the store had no room for (they recompute what is missing)
+    checkpoint_usage: float = 0.0        # fraction of the host store in use
     num_steps: int = 0
     num_preemptions: int = 0
     busy_seconds: float = 0.0            # time spent computing steps
@@ -55,6 +68,10 @@ class Engine:
         self._live: dict[str, tuple[Request, RequestStream, IncrementalDetokenizer | None]] = {}
         self._ids = itertools.count()
         self._stopping = False
+        # Set by submit() when online work arrives; a step carrying offline work yields at its next safepoint.
+        self._online_arrived = False
+        self._parked: ParkedStep | None = None
+        self.checkpointer: Checkpointer | None = None
         self._ready = threading.Event()
         self._load_error: BaseException | None = None
         # Loading runs on the engine thread too: once a thread has run parallel torch ops, its OpenMP
@@ -87,10 +104,32 @@ class Engine:
         model = LlamaModel(mc, loaded.tensors, backend, self.max_model_len, dtype, self.device)
         loaded.tensors.clear()  # the model holds its own (fused, converted) copies
         self.runner = ModelRunner(model, self.kv_cache, self.device)
-        self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
-                                                   config.enable_chunked_prefill), self.pool)
+        self.policy = Policy.parse(config.policy)
+        cost_model = None
+        if self.policy.harvests:
+            cost_model = self._cost_model(loaded, dtype, num_blocks)
+            store_bytes = config.checkpoint_bytes
+            store_blocks = num_blocks if store_bytes is None else store_bytes // kv_bytes_per_block(mc, config.block_size, dtype)
+            if store_blocks > 0:
+                self.checkpointer = Checkpointer(self.kv_cache, HostKVStore(self.kv_cache, store_blocks,
+                                                                           pin=self.device.type == "cuda"), self.device)
+        self.scheduler = Scheduler(SchedulerConfig(
+            config.max_num_seqs, config.max_num_batched_tokens, config.enable_chunked_prefill, self.policy,
+            config.offline_max_batched_tokens, config.slo_tpot_ms / 1000,
+            int(config.online_reserve_fraction * num_blocks)), self.pool, cost_model, self.checkpointer)
         self._stats = EngineStats(num_free_blocks=num_blocks, num_total_blocks=num_blocks)
         self._started = time.monotonic()
+
+    def _cost_model(self, loaded: LoadedModel, dtype: torch.dtype, num_blocks: int):
+        """The step-latency model the SLO-aware scheduler plans with: profiled on this device once, then
+        read from the cache (keyed by model, device, dtype, threads and block size)."""
+        cfg = self.config
+        max_tokens = max(cfg.max_num_batched_tokens, cfg.offline_max_batched_tokens or 0)
+        key = "|".join([device_key(loaded.name, self.device, dtype, cfg.block_size), repr(self.model_config),
+                        f"tokens {max_tokens}"])
+        return load_or_profile(cfg.profile_cache_dir, key, lambda: profile_cost_model(
+            self.runner, self.pool, max_tokens=max_tokens, max_seqs=min(cfg.max_num_seqs, 64),
+            max_context=min(self.max_model_len, 2048), time_budget_s=cfg.profile_seconds)[0])
 
     def _run(self, loaded: LoadedModel | None) -> None:
         try:
@@ -114,6 +153,8 @@ class Engine:
             klass = RequestClass(request_class)
         except ValueError:
             raise InvalidRequestError(f"request_class must be 'online' or 'offline', got {request_class!r}") from None
+        if klass is RequestClass.OFFLINE and not self.policy.accepts_offline:
+            raise InvalidRequestError(f"the {self.policy.value} policy refuses offline requests")
         prompt_ids = self._prompt_token_ids(prompt)
         request_id = request_id or f"req-{next(self._ids)}"
         req = Request(request_id, prompt_ids, params, klass, self.eos_token_ids, self.max_model_len)
@@ -129,6 +170,8 @@ class Engine:
             if request_id in self._live or any(r.request_id == request_id for r, _, _ in self._inbox):
                 raise InvalidRequestError(f"request id {request_id!r} is already in use")
             self._inbox.append((req, stream, detok))
+            if klass is RequestClass.ONLINE:
+                self._online_arrived = True
             self._wake.notify()
         return stream
 
@@ -216,12 +259,15 @@ class Engine:
                     break
                 inbox, self._inbox = self._inbox, []
                 aborts, self._aborts = self._aborts, []
+                self._online_arrived = False
             try:
                 for req, stream, detok in inbox:
                     self._live[req.request_id] = (req, stream, detok)
                     self.scheduler.add(req)
                 for request_id in aborts:
                     if request_id in self._live:
+                        if self._parked is not None and request_id in self._parked.requests:
+                            self._parked = None  # its blocks are about to be freed: the step cannot finish
                         self._finish(request_id, "abort")
                 if self.scheduler.has_work() and not self._step():
                     with self._wake:  # nothing could be scheduled: wait for a change instead of spinning
@@ -234,9 +280,12 @@ class Engine:
         for req, stream, detok in inbox:
             self._live[req.request_id] = (req, stream, detok)
         self._fail_all(None)
+        if self.checkpointer is not None:
+            self.checkpointer.close()
 
     def _fail_all(self, error: str | None) -> None:
         """End every live request (with `error`, or as a plain abort at shutdown)."""
+        self._parked = None
         for request_id in list(self._live):
             try:
                 self._finish(request_id, "abort", error=error)
@@ -245,40 +294,89 @@ class Engine:
                 self._live.pop(request_id, None)
 
     def _step(self) -> bool:
-        """Schedule and run one step; False if nothing could be scheduled."""
+        """Schedule and run one step; False if nothing could be scheduled.
+
+        Layer-wise preemption: a step carrying offline work (under conserve; in "discard" mode only one
+        with no online work) asks at every safepoint whether online work has arrived, and stops there.
+        "discard" throws the partial step away: nothing was committed, so its requests simply run again.
+        "park" keeps its hidden state; the next call runs a step of the new online requests alone, then
+        finishes the parked one from the layer it stopped at."""
+        if self._parked is not None:
+            parked, self._parked = self._parked, None
+            inserted = self.scheduler.schedule(only_new_online=True, busy=frozenset(parked.requests))
+            if inserted.chunks:
+                self._run_step(inserted.chunks, lambda: self.runner.execute(inserted.chunks), inserted.restored_tokens)
+            return self._run_step(parked.chunks, lambda: self.runner.resume(parked, self._safepoint), 0)
         sched = self.scheduler.schedule()
         if not sched.chunks:
             return False
+        preemptible = self.policy.harvests and sched.has_offline and (
+            self.config.preemption_mode == "park" or not sched.has_online)
+        safepoint = self._safepoint if preemptible else None
+        return self._run_step(sched.chunks, lambda: self.runner.execute(sched.chunks, safepoint), sched.restored_tokens)
+
+    def _safepoint(self, layer: int) -> bool:
+        return self._online_arrived
+
+    def _run_step(self, chunks: list[ScheduledChunk], compute, restored_tokens: int) -> bool:
+        """Run one planned step (compute() does the model's work), then commit what it computed."""
         started = time.monotonic()
-        for c in sched.chunks:
+        for c in chunks:
             if c.request.times.first_scheduled is None:
-                c.request.times.first_scheduled = started
+                c.request.times.first_scheduled = started  # for online requests: the preemption latency
         try:
-            sampled = self.runner.execute(sched.chunks)
+            result = compute()
         except Exception as exc:  # a failed step must not take the engine down with it
             log.exception("engine step failed")
-            for c in sched.chunks:
-                self._finish(c.request.request_id, "abort", error=f"engine step failed: {exc}")
+            for c in chunks:
+                if c.request.request_id in self._live:
+                    self._finish(c.request.request_id, "abort", error=f"engine step failed: {exc}")
             return True
-        prompt_tokens = 0
-        for c in sched.chunks:
-            req = c.request
-            start = req.num_computed_tokens
-            prompt_tokens += max(0, min(start + c.num_tokens, req.num_prompt_tokens) - start)
-            req.num_computed_tokens += c.num_tokens
         now = time.monotonic()
-        # Counters first, so a caller that holds a request's final output never reads older stats.
+        if isinstance(result, ParkedStep):
+            discard = self.config.preemption_mode == "discard"
+            if not discard:
+                self._parked = result
+            with self._lock:
+                self._stats.busy_seconds += now - started
+                self._stats.layer_yields += 1
+                self._stats.restored_tokens += restored_tokens
+                if discard:
+                    self._stats.discarded_tokens += sum(c.num_tokens for c in chunks)
+            return True
         with self._lock:
             st = self._stats
+            for c in chunks:
+                self._commit(c, st)
             st.num_steps += 1
             st.busy_seconds += now - started
-            st.prompt_tokens += prompt_tokens
-            st.generation_tokens += len(sampled)
+            st.generation_tokens += len(result)
+            for req, _ in result:
+                st.generation_tokens_by_class[req.request_class.value] += 1
+            st.restored_tokens += restored_tokens
             st.num_preemptions = self.scheduler.num_preemptions
+            if self.checkpointer is not None:
+                cs = self.checkpointer.stats
+                st.checkpointed_tokens, st.checkpoint_store_full = cs.checkpointed_tokens, cs.store_full
+                st.checkpoint_usage = self.checkpointer.usage()
             self._refresh_counts(st)  # admissions and preemptions; _finish refreshes for each finish
-        for req, token in sampled:
-            self._emit_token(req, token, now)
+        for req, token in result:
+            if req.request_id in self._live:
+                self._emit_token(req, token, now)
         return True
+
+    def _commit(self, chunk: ScheduledChunk, st: EngineStats) -> None:
+        """Advance a request past a computed chunk; count progress, recompute and queue its checkpoint."""
+        req = chunk.request
+        start, end = req.num_computed_tokens, req.num_computed_tokens + chunk.num_tokens
+        fresh_from = max(start, req.high_water)
+        st.recomputed_tokens += max(0, min(end, req.high_water) - start)
+        st.prompt_tokens += max(0, min(end, req.num_prompt_tokens) - start)
+        st.prompt_tokens_by_class[req.request_class.value] += max(0, min(end, req.num_prompt_tokens) - fresh_from)
+        req.high_water = max(req.high_water, end)
+        req.num_computed_tokens = end
+        if self.checkpointer is not None and not req.online:
+            self.checkpointer.save(req, start, end)
 
     def _emit_token(self, req: Request, token: int, now: float) -> None:
         if req.times.first_token is None:

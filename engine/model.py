@@ -14,8 +14,17 @@ from engine.linear import Linear
 from engine.model_config import ModelConfig
 from engine.rope import RotaryEmbedding, apply_rotary
 
-# Called with the index of the layer about to run; the scheduler uses it to stop a step between layers.
-Safepoint = Callable[[int], None]
+# Called with the index of the layer about to run; True stops the step there (layer-wise preemption).
+Safepoint = Callable[[int], bool]
+
+
+@dataclass
+class Parked:
+    """A forward pass stopped at a safepoint: the hidden state entering `layer`. Layers before it have
+    written their keys and values into the cache; resuming from here finishes the step as if it had
+    never stopped."""
+    layer: int
+    hidden: torch.Tensor
 
 
 @dataclass
@@ -63,17 +72,23 @@ class LlamaModel:
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 kv_cache: KVCache, logits_indices: torch.Tensor,
-                safepoint: Safepoint | None = None) -> torch.Tensor:
+                safepoint: Safepoint | None = None, resume: Parked | None = None) -> torch.Tensor | Parked:
         """Run the step's tokens through every layer; return float32 logits for the rows in logits_indices only
-        (the LM head is a fifth of a decode step, so prefill positions that sample nothing skip it)."""
+        (the LM head is a fifth of a decode step, so prefill positions that sample nothing skip it).
+
+        `safepoint` is asked before each layer (the first one a resumed step runs excepted, so a resumed
+        step always advances) and may stop the pass there: it then returns Parked, which `resume` takes
+        back to finish the same step."""
         cfg = self.config
         n = input_ids.shape[0]
         heads, kv_heads, d, eps = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.rms_norm_eps
         cos, sin = self.rope.lookup(positions)
-        h = F.embedding(input_ids, self.embed)
-        for i, layer in enumerate(self.layers):
-            if safepoint is not None:
-                safepoint(i)
+        first = resume.layer if resume is not None else 0
+        h = resume.hidden if resume is not None else F.embedding(input_ids, self.embed)
+        for i in range(first, len(self.layers)):
+            layer = self.layers[i]
+            if safepoint is not None and (i > first or resume is None) and safepoint(i):
+                return Parked(i, h)
             x = F.rms_norm(h, (h.shape[-1],), layer.input_norm, eps)
             qkv = layer.qkv(x)
             qk = qkv[:, : (heads + kv_heads) * d].view(n, heads + kv_heads, d)

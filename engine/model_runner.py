@@ -7,7 +7,7 @@ import torch
 
 from engine.attention import AttentionMetadata, PrefillGroup
 from engine.kv_cache import KVCache, blocks_for
-from engine.model import LlamaModel, Safepoint
+from engine.model import LlamaModel, Parked, Safepoint
 from engine.request import Request
 from engine.sampler import sample
 from engine.scheduler import ScheduledChunk
@@ -22,6 +22,18 @@ class StepBatch:
     sampling_requests: list[Request]
 
 
+@dataclass
+class ParkedStep:
+    """A step stopped at a safepoint (layer-wise preemption), kept to be finished later."""
+    chunks: list[ScheduledChunk]
+    batch: StepBatch
+    state: Parked
+
+    @property
+    def requests(self) -> set[str]:
+        return {c.request.request_id for c in self.chunks}
+
+
 class ModelRunner:
     def __init__(self, model: LlamaModel, kv_cache: KVCache, device: torch.device):
         self.model = model
@@ -33,12 +45,24 @@ class ModelRunner:
         self.device = device
 
     @torch.inference_mode()
-    def execute(self, chunks: list[ScheduledChunk], safepoint: Safepoint | None = None) -> list[tuple[Request, int]]:
+    def execute(self, chunks: list[ScheduledChunk],
+                safepoint: Safepoint | None = None) -> list[tuple[Request, int]] | ParkedStep:
         """Compute the chunks' keys and values into the cache; return the token sampled for each request
-        whose chunk reached its last token. The caller advances num_computed_tokens."""
-        batch = self.prepare(chunks)
+        whose chunk reached its last token. The caller advances num_computed_tokens.
+        If `safepoint` stops the step between layers, return it parked instead (nothing is sampled)."""
+        return self._run(chunks, self.prepare(chunks), safepoint, None)
+
+    @torch.inference_mode()
+    def resume(self, parked: ParkedStep,
+               safepoint: Safepoint | None = None) -> list[tuple[Request, int]] | ParkedStep:
+        """Finish a parked step from the layer it stopped at (it may stop again at a later layer)."""
+        return self._run(parked.chunks, parked.batch, safepoint, parked.state)
+
+    def _run(self, chunks, batch: StepBatch, safepoint, resume: Parked | None):
         logits = self.model.forward(batch.input_ids, batch.positions, batch.meta, self.kv_cache,
-                                    batch.logits_indices, safepoint)
+                                    batch.logits_indices, safepoint, resume)
+        if isinstance(logits, Parked):
+            return ParkedStep(chunks, batch, logits)
         if not batch.sampling_requests:
             return []
         tokens = sample(logits, batch.sampling_requests)

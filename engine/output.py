@@ -49,14 +49,21 @@ class RequestStream:
         self._items: deque[RequestOutput] = deque()
         self._cond = threading.Condition()
         self._done = False
+        self._finished = False
         try:
             self._loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
         except RuntimeError:
             self._loop = None
         self._event: asyncio.Event | None = asyncio.Event() if self._loop else None
 
+    @property
+    def finished(self) -> bool:
+        """Whether the engine has put the final output (consumed or not)."""
+        return self._finished
+
     def put(self, output: RequestOutput) -> None:
         with self._cond:
+            self._finished = self._finished or output.finished
             self._items.append(output)
             self._cond.notify()
         if self._loop is not None:

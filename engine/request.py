@@ -44,6 +44,14 @@ class Request:
         self.status = RequestStatus.WAITING
         self.finish_reason: str | None = None
         self.num_preemptions = 0
+        # Most tokens ever computed: work below it after an eviction is recompute, above it progress.
+        self.high_water = 0
+        # KV checkpoint in the host store (engine/checkpoint.py): its blocks and the tokens they hold.
+        self.host_block_ids: list[int] = []
+        self.num_checkpointed_tokens = 0
+        # Bumped whenever the request's device blocks are freed, so a checkpoint copy that raced with the
+        # free is thrown away instead of storing keys and values of blocks that changed hands.
+        self.kv_generation = 0
         self.times = RequestTimes()
         self.max_total_tokens = min(max_model_len, self.num_prompt_tokens + params.max_tokens)
         self.stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else eos_token_ids)
@@ -62,6 +70,10 @@ class Request:
     @property
     def output_token_ids(self) -> list[int]:
         return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def online(self) -> bool:
+        return self.request_class is RequestClass.ONLINE
 
     @property
     def finished(self) -> bool:

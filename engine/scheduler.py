@@ -1,14 +1,40 @@
-"""Continuous batching: each step, running requests first, then waiting ones, under one token budget.
+"""Continuous batching under one token budget per step, with request classes and co-serving policies.
 
 Following vLLM v1, there are no prefill or decode phases: a request's num_computed_tokens catches up
-with its length one scheduled chunk at a time, so a step mixes decodes and prefill chunks freely."""
+with its length one scheduled chunk at a time, so a step mixes decodes and prefill chunks freely.
+
+Policies (engine/policy.py): `fcfs` keeps one queue in arrival order. The class-aware policies schedule
+running online requests, then waiting online ones, then offline work; when blocks run out, offline
+requests are evicted first. `conserve` adds the SLO-aware token budget: while online requests are in
+flight, offline tokens only fill a step up to the predicted time the TPOT SLO allows (none at all beside
+an online prefill chunk, whose first token waits on the step), a share of the pool stays free for online
+bursts, evictions pick the request with the least KV not yet checkpointed, and evicted requests come
+back from their host checkpoint instead of recomputing."""
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Iterable, Protocol
 
 from engine.kv_cache import BlockPool
-from engine.request import Request, RequestStatus
+from engine.policy import Policy
+from engine.request import Request, RequestClass, RequestStatus
+
+# Steps beside online decodes are planned to this share of the TPOT SLO: the rest absorbs the cost
+# model's error and the time outside the model (sampling, scheduling).
+TPOT_PLANNING_SHARE = 0.9
+
+
+class StepCostModel(Protocol):
+    def predict(self, chunks: Iterable[tuple[int, int]]) -> float:
+        """Seconds for a step of chunks given as (new tokens, tokens already cached)."""
+
+
+class KVCheckpoints(Protocol):
+    def restorable(self, req: Request) -> int: ...
+    def restore(self, req: Request, num_tokens: int) -> None: ...
+    def on_evict(self, req: Request) -> None: ...
+    def drop(self, req: Request) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -16,6 +42,10 @@ class SchedulerConfig:
     max_num_seqs: int = 128             # cap on requests running at once
     max_num_batched_tokens: int = 2048  # token budget of one step
     enable_chunked_prefill: bool = True
+    policy: Policy = Policy.FCFS
+    offline_max_batched_tokens: int | None = None  # budget of steps without online work (conserve)
+    slo_tpot_s: float = 0.1
+    online_reserve_blocks: int = 0      # free blocks offline admission leaves for online bursts (conserve)
 
 
 @dataclass
@@ -33,63 +63,125 @@ class ScheduledChunk:
 class SchedulerOutput:
     chunks: list[ScheduledChunk] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
+    restored_tokens: int = 0
 
     @property
     def num_tokens(self) -> int:
         return sum(c.num_tokens for c in self.chunks)
 
+    @property
+    def has_online(self) -> bool:
+        return any(c.request.online for c in self.chunks)
+
+    @property
+    def has_offline(self) -> bool:
+        return any(not c.request.online for c in self.chunks)
+
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, pool: BlockPool):
+    def __init__(self, config: SchedulerConfig, pool: BlockPool, cost_model: StepCostModel | None = None,
+                 checkpoints: KVCheckpoints | None = None):
         self.config = config
         self.pool = pool
-        self.waiting: deque[Request] = deque()
+        self.policy = config.policy
+        self.cost_model = cost_model
+        self.checkpoints = checkpoints
+        # fcfs keeps everything in the online queue: one queue, arrival order.
+        self._queues = {RequestClass.ONLINE: deque(), RequestClass.OFFLINE: deque()}
         self.running: list[Request] = []
         self.num_preemptions = 0
 
+    @property
+    def waiting(self) -> list[Request]:
+        return [*self._queues[RequestClass.ONLINE], *self._queues[RequestClass.OFFLINE]]
+
+    def _queue(self, req: Request) -> deque[Request]:
+        return self._queues[req.request_class if self.policy.knows_classes else RequestClass.ONLINE]
+
     def add(self, request: Request) -> None:
-        self.waiting.append(request)
+        self._queue(request).append(request)
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.running or any(self._queues.values()))
 
-    def schedule(self) -> SchedulerOutput:
+    def online_in_flight(self) -> bool:
+        return bool(self._queues[RequestClass.ONLINE]) and self.policy.knows_classes or \
+            any(r.online for r in self.running)
+
+    # ---- planning a step --------------------------------------------------------------------------
+
+    def schedule(self, only_new_online: bool = False, busy: frozenset[str] = frozenset()) -> SchedulerOutput:
+        """Plan the next step. With only_new_online (a step inserted while another is parked), admit waiting
+        online requests and nothing else, and never evict a request in `busy` (the parked step's)."""
         out = SchedulerOutput()
-        budget = self.config.max_num_batched_tokens
+        step = _StepPlan(out, self.config.max_num_batched_tokens)
+        if only_new_online:
+            self._admit(step, self._queues[RequestClass.ONLINE], busy)
+            return out
+        if not self.policy.knows_classes:
+            self._run_running(step, self.running)
+            if not out.preempted:  # a step that had to preempt is short of memory: admitting would thrash
+                self._admit(step, self._queues[RequestClass.ONLINE], busy)
+            return out
 
-        i = 0
-        while i < len(self.running) and budget > 0:
-            req = self.running[i]
-            n = self._chunk_size(req, budget)
+        online_active = self.online_in_flight()
+        if self.policy.harvests and not online_active:
+            step.budget = self.config.offline_max_batched_tokens or self.config.max_num_batched_tokens
+        self._run_running(step, [r for r in self.running if r.online])
+        if not out.preempted:
+            self._admit(step, self._queues[RequestClass.ONLINE], busy)
+        if self.policy.harvests and online_active:
+            if any(c.request.online and c.num_tokens > 1 for c in out.chunks):
+                return out  # an online prefill chunk: its first token waits on this step, add nothing
+            step.seconds_left = self.config.slo_tpot_s * TPOT_PLANNING_SHARE - self._predict(out.chunks)
+            step.cost_model = self.cost_model
+        self._run_running(step, [r for r in self.running if not r.online])
+        if not out.preempted:
+            self._admit(step, self._queues[RequestClass.OFFLINE], busy)
+        return out
+
+    def _run_running(self, step: "_StepPlan", requests: list[Request]) -> None:
+        for req in requests:
+            if step.budget <= 0:
+                return
+            if req.status is not RequestStatus.RUNNING:
+                continue  # evicted earlier in this step
+            n = step.chunk(req, self._chunk_size(req, req.num_computed_tokens, step.budget))
             if n == 0:
-                i += 1
                 continue
-            if not self._reserve_blocks(req, n, out):
-                break  # req itself was preempted: nothing after it in the list is left to run either
-            out.chunks.append(ScheduledChunk(req, n))
-            budget -= n
-            i += 1
+            if not self._reserve_blocks(req, req.num_computed_tokens + n, step):
+                if req.status is RequestStatus.RUNNING:
+                    continue
+                return  # req was evicted itself: memory is short, later requests would only thrash
+            step.add(req, n)
 
-        # A step that had to preempt is short of memory: admitting more would only thrash.
-        while (self.waiting and budget > 0 and not out.preempted
-               and len(self.running) < self.config.max_num_seqs):
-            req = self.waiting[0]
-            n = self._chunk_size(req, budget)
+    def _admit(self, step: "_StepPlan", queue: deque[Request], busy: frozenset[str]) -> None:
+        while queue and step.budget > 0 and len(self.running) < self.config.max_num_seqs:
+            req = queue[0]
+            offline = self.policy.knows_classes and not req.online
+            restorable = self.checkpoints.restorable(req) if self.checkpoints is not None else 0
+            start = max(req.num_computed_tokens, restorable)
+            n = step.chunk(req, self._chunk_size(req, start, step.budget), start)
             if n == 0:
-                break
-            needed = self.pool.blocks_for(req.num_computed_tokens + n) - len(req.block_ids)
-            if needed > self.pool.num_free:
-                break
-            self.waiting.popleft()
+                return
+            needed = self.pool.blocks_for(start + n) - len(req.block_ids)
+            reserve = self.config.online_reserve_blocks if offline and self.policy.harvests else 0
+            if needed + reserve > self.pool.num_free:
+                # Online requests may evict offline ones to get in; nothing else evicts to be admitted.
+                if offline or not self.policy.knows_classes or not self._evict_offline_for(needed, step, busy):
+                    return
+            queue.popleft()
             req.block_ids.extend(self.pool.allocate(needed))
             req.status = RequestStatus.RUNNING
             self.running.append(req)
-            out.chunks.append(ScheduledChunk(req, n))
-            budget -= n
-        return out
+            if start > req.num_computed_tokens:
+                self.checkpoints.restore(req, start)
+                step.out.restored_tokens += start - req.num_computed_tokens
+                req.num_computed_tokens = start
+            step.add(req, n)
 
-    def _chunk_size(self, req: Request, budget: int) -> int:
-        remaining = req.num_tokens - req.num_computed_tokens
+    def _chunk_size(self, req: Request, start: int, budget: int) -> int:
+        remaining = req.num_tokens - start
         if remaining <= budget:
             return remaining
         # Without chunked prefill a prompt waits for a step with room for all of it (prompts longer
@@ -99,39 +191,126 @@ class Scheduler:
             return budget
         return 0
 
-    def _reserve_blocks(self, req: Request, n: int, out: SchedulerOutput) -> bool:
-        """Give req the blocks its next n tokens need, preempting the latest-admitted running requests
-        (freeing their blocks; they recompute later) until it fits. False if req had to go itself.
+    def _predict(self, chunks: list[ScheduledChunk]) -> float:
+        return self.cost_model.predict([(c.num_tokens, c.request.num_computed_tokens) for c in chunks])
 
-        Requests are visited in running order and victims come from the end, so a victim is never
-        one this step already scheduled."""
-        needed = self.pool.blocks_for(req.num_computed_tokens + n) - len(req.block_ids)
+    # ---- memory -----------------------------------------------------------------------------------
+
+    def _reserve_blocks(self, req: Request, num_tokens: int, step: "_StepPlan") -> bool:
+        """Give a running req the blocks its first num_tokens tokens need, evicting others until it fits
+        (False if it cannot, or if req had to go itself).
+
+        fcfs evicts the latest admitted: requests are visited in running order and victims come from the
+        end, so a victim is never one this step already scheduled. The class-aware policies evict offline
+        requests first, and an offline request never evicts an online one."""
+        needed = self.pool.blocks_for(num_tokens) - len(req.block_ids)
         while needed > self.pool.num_free:
-            victim = self.running[-1]
+            victim = self._victim(req, step)
+            if victim is None:
+                return False
             self.preempt(victim)
-            out.preempted.append(victim)
+            step.out.preempted.append(victim)
             if victim is req:
                 return False
         req.block_ids.extend(self.pool.allocate(needed))
         return True
 
+    def _evict_offline_for(self, needed: int, step: "_StepPlan", busy: frozenset[str]) -> bool:
+        """Evict offline requests until `needed` blocks are free; False (evicting nothing) if they cannot."""
+        victims = self._offline_victims(step, busy)
+        if sum(len(r.block_ids) for r in victims) + self.pool.num_free < needed:
+            return False
+        while needed > self.pool.num_free:
+            victim = victims.pop(0)
+            self.preempt(victim)
+            step.out.preempted.append(victim)
+        return True
+
+    def _victim(self, req: Request, step: "_StepPlan") -> Request | None:
+        if not self.policy.knows_classes:
+            return self.running[-1]
+        offline = self._offline_victims(step, frozenset(), also=req)
+        if offline:
+            return offline[0]
+        if not req.online:
+            return None
+        online = [r for r in self.running if r.online and (r is req or r.request_id not in step.scheduled)]
+        return online[-1] if online else None
+
+    def _offline_victims(self, step: "_StepPlan", busy: frozenset[str], also: Request | None = None) -> list[Request]:
+        """Offline requests that may be evicted, best victim first: not in this step's plan or in a parked
+        step. conserve evicts the one that loses the least (KV not yet checkpointed), the latest
+        admitted among equals; the other policies the latest admitted."""
+        order = {id(r): i for i, r in enumerate(self.running)}
+        victims = [r for r in self.running if not r.online and r.request_id not in busy
+                   and (r is also or r.request_id not in step.scheduled)]
+        if self.policy.harvests and self.checkpoints is not None:
+            victims.sort(key=lambda r: (r.num_computed_tokens - r.num_checkpointed_tokens, -order[id(r)]))
+        else:
+            victims.reverse()
+        return victims
+
     def preempt(self, req: Request) -> None:
-        """Free req's blocks and put it back at the front of the queue; it recomputes from scratch."""
+        """Free req's device blocks and put it back at the front of its queue. It resumes from its host
+        checkpoint where there is one, else recomputes from scratch."""
         self.running.remove(req)
+        if self.checkpoints is not None:
+            self.checkpoints.on_evict(req)
         self.pool.free(req.block_ids)
         req.block_ids = []
         req.num_computed_tokens = 0
         req.status = RequestStatus.WAITING
         req.num_preemptions += 1
         self.num_preemptions += 1
-        self.waiting.appendleft(req)
+        self._queue(req).appendleft(req)
 
     def finish(self, req: Request) -> None:
         """Remove a finished or aborted request from wherever it is and free its blocks."""
         if req in self.running:
             self.running.remove(req)
-        elif req in self.waiting:
-            self.waiting.remove(req)
+        else:
+            queue = self._queue(req)
+            if req in queue:
+                queue.remove(req)
         self.pool.free(req.block_ids)
         req.block_ids = []
         req.status = RequestStatus.FINISHED
+        if self.checkpoints is not None:
+            self.checkpoints.drop(req)
+
+
+class _StepPlan:
+    """The step being planned: its output, token budget, and (while online work is in flight under
+    conserve) the predicted seconds offline tokens may still add."""
+
+    def __init__(self, out: SchedulerOutput, budget: int):
+        self.out = out
+        self.budget = budget
+        self.scheduled: set[str] = set()
+        self.cost_model: StepCostModel | None = None
+        self.seconds_left = float("inf")
+
+    def chunk(self, req: Request, n: int, start: int | None = None) -> int:
+        """n, cut to what the time left allows when the step is time-limited (offline fill)."""
+        if self.cost_model is None or n == 0:
+            return n
+        start = req.num_computed_tokens if start is None else start
+        base = self.cost_model.predict([])
+        if self.cost_model.predict([(1, start)]) - base > self.seconds_left:
+            return 0
+        lo, hi = 1, n  # largest chunk whose added time fits: the cost grows with the chunk
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if self.cost_model.predict([(mid, start)]) - base <= self.seconds_left:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
+
+    def add(self, req: Request, n: int) -> None:
+        if self.cost_model is not None:
+            start = req.num_computed_tokens
+            self.seconds_left -= self.cost_model.predict([(n, start)]) - self.cost_model.predict([])
+        self.out.chunks.append(ScheduledChunk(req, n))
+        self.scheduled.add(req.request_id)
+        self.budget -= n

@@ -30,7 +30,7 @@ def smollm2(bundled_model) -> LoadedModel:
 @pytest.fixture(scope="session")
 def smollm2_engine(smollm2):
     loaded = LoadedModel(smollm2.config, dict(smollm2.tensors), smollm2.tokenizer, smollm2.name)
-    with Engine(EngineConfig(dtype="float32", device="cpu", num_kv_blocks=64), loaded=loaded) as engine:
+    with Engine(EngineConfig(dtype="float32", device="cpu", num_kv_blocks=64, profile_seconds=2.0), loaded=loaded) as engine:
         yield engine
 
 

@@ -26,7 +26,8 @@ TINY_LLAMA = dict(
 
 # Engine settings for exact comparisons: float32 on the CPU, blocks small enough that short prompts
 # already span several of them.
-EXACT = dict(dtype="float32", device="cpu", block_size=8, num_kv_blocks=64)
+# A short profile: tiny models' steps take about a millisecond, so a second holds plenty of samples.
+EXACT = dict(dtype="float32", device="cpu", block_size=8, num_kv_blocks=64, profile_seconds=1.0)
 
 
 @dataclass

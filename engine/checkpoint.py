@@ -1,0 +1,193 @@
+"""Incremental KV checkpointing (ConServe mechanism 2): after every step, the keys and values that offline
+requests just computed are copied, off the step loop, into a host-side store. Evicting an offline request
+then only frees its device blocks (no copy on the critical path), and resuming it restores its KV from the
+store and recomputes only the tail that had not been saved yet.
+
+The copies run on a background thread (on CUDA, on a side stream into pinned memory). A copy that races
+with an eviction is thrown away: the request's kv_generation changes before its blocks are freed, and a
+copy only counts if the generation it started under is still current when it ends, i.e. it finished
+reading before the blocks could change hands."""
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+
+from engine.kv_cache import BlockPool, KVCache, blocks_for
+from engine.request import Request
+
+log = logging.getLogger(__name__)
+
+
+class HostKVStore:
+    """Host memory laid out like KVCache ([kv_heads, slots, head_dim] per layer), with its own block pool."""
+
+    def __init__(self, like: KVCache, num_blocks: int, pin: bool):
+        shape = (like.keys[0].shape[0], num_blocks * like.block_size, like.keys[0].shape[2])
+        dtype = like.keys[0].dtype
+        # torch.empty: on CPU the pages are only touched when a checkpoint first lands in them.
+        self.keys = [torch.empty(shape, dtype=dtype, pin_memory=pin) for _ in like.keys]
+        self.values = [torch.empty(shape, dtype=dtype, pin_memory=pin) for _ in like.values]
+        self.pool = BlockPool(num_blocks, like.block_size)
+
+
+@dataclass
+class _Job:
+    request: Request
+    generation: int
+    start: int
+    end: int
+    ready: torch.cuda.Event | None  # CUDA: recorded after the step that computed the tokens
+
+
+@dataclass
+class CheckpointStats:
+    checkpointed_tokens: int = 0   # tokens whose KV reached the store
+    restored_tokens: int = 0       # tokens brought back from the store instead of recomputed
+    store_full: int = 0            # requests whose checkpoint stopped growing because the store was full
+
+
+class Checkpointer:
+    def __init__(self, kv_cache: KVCache, store: HostKVStore, device: torch.device):
+        self.kv = kv_cache
+        self.store = store
+        self.block_size = kv_cache.block_size
+        self.device = device
+        self.stats = CheckpointStats()
+        self._lock = threading.Lock()
+        self._work = threading.Condition(self._lock)
+        self._jobs: deque[_Job] = deque()
+        self._busy = False
+        self._closed = False
+        self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._full: set[str] = set()
+        self._thread = threading.Thread(target=self._run, name="conserve-checkpoint", daemon=True)
+        self._thread.start()
+
+    # ---- called on the engine thread ------------------------------------------------------------
+
+    def save(self, req: Request, start: int, end: int) -> None:
+        """Queue the copy of tokens [start, end) of req, just computed, to the store."""
+        ready = None
+        if self._stream is not None:
+            ready = torch.cuda.Event()
+            ready.record()
+        with self._work:
+            self._jobs.append(_Job(req, req.kv_generation, start, end, ready))
+            self._work.notify()
+
+    def on_evict(self, req: Request) -> None:
+        """req's device blocks are about to be freed: copies still reading them must not count."""
+        with self._lock:
+            req.kv_generation += 1
+
+    def restorable(self, req: Request) -> int:
+        """Tokens of req a restore would bring back; at least one token is always left to compute, so the
+        step that resumes req samples its next token."""
+        with self._lock:
+            return min(req.num_checkpointed_tokens, req.num_tokens - 1)
+
+    def restore(self, req: Request, num_tokens: int) -> None:
+        """Copy req's first num_tokens tokens from the store into its (new) device blocks."""
+        if num_tokens <= 0:
+            return
+        dev, host = self._slots(req.block_ids, 0, num_tokens), self._slots(req.host_block_ids, 0, num_tokens)
+        dev = dev.to(self.device)
+        for cache, saved in ((self.kv.keys, self.store.keys), (self.kv.values, self.store.values)):
+            for layer, s in zip(cache, saved):
+                layer.index_copy_(1, dev, s.index_select(1, host).to(self.device, non_blocking=True))
+        self.stats.restored_tokens += num_tokens
+
+    def drop(self, req: Request) -> None:
+        """req is finished: give its host blocks back."""
+        with self._lock:
+            req.kv_generation += 1
+            self.store.pool.free(req.host_block_ids)
+            req.host_block_ids = []
+            req.num_checkpointed_tokens = 0
+            self._full.discard(req.request_id)
+
+    def usage(self) -> float:
+        with self._lock:
+            return self.store.pool.usage()
+
+    def wait_idle(self, timeout: float = 10.0) -> bool:
+        """Block until every queued copy is done (tests and benchmarks; the engine never waits)."""
+        with self._work:
+            return self._work.wait_for(lambda: not self._jobs and not self._busy, timeout)
+
+    def close(self) -> None:
+        with self._work:
+            self._closed = True
+            self._work.notify_all()
+        self._thread.join()
+
+    # ---- the copy thread ------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        # One thread for copies: an OpenMP team of its own would fight the engine thread's for the cores.
+        torch.set_num_threads(1)
+        while True:
+            with self._work:
+                self._busy = False
+                self._work.notify_all()
+                self._work.wait_for(lambda: self._jobs or self._closed)
+                if self._closed:
+                    return
+                job = self._jobs.popleft()
+                self._busy = True
+                plan = self._plan(job)
+            if plan is None:
+                continue
+            try:
+                self._copy(job, *plan)
+            except Exception:  # a failed copy only loses a checkpoint: the request will recompute instead
+                log.exception("KV checkpoint copy failed for %s", job.request.request_id)
+                continue
+            with self._lock:
+                req = job.request
+                if req.kv_generation == job.generation and req.num_checkpointed_tokens == job.start:
+                    req.num_checkpointed_tokens = job.end
+                    self.stats.checkpointed_tokens += job.end - job.start
+
+    def _plan(self, job: _Job) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Under the lock: host blocks for the job and the slots to copy, or None to skip it."""
+        req = job.request
+        # Stale (evicted or finished since), or a gap before it (an earlier copy was skipped): the
+        # checkpoint only ever holds a prefix of the request.
+        if req.kv_generation != job.generation or req.num_checkpointed_tokens != job.start:
+            return None
+        needed = blocks_for(job.end, self.block_size) - len(req.host_block_ids)
+        if needed > self.store.pool.num_free:
+            if req.request_id not in self._full:
+                self._full.add(req.request_id)
+                self.stats.store_full += 1
+            return None
+        req.host_block_ids.extend(self.store.pool.allocate(max(0, needed)))
+        return (self._slots(req.block_ids, job.start, job.end),
+                self._slots(req.host_block_ids, job.start, job.end))
+
+    def _copy(self, job: _Job, dev_slots: torch.Tensor, host_slots: torch.Tensor) -> None:
+        if self._stream is None:
+            for cache, saved in ((self.kv.keys, self.store.keys), (self.kv.values, self.store.values)):
+                for layer, s in zip(cache, saved):
+                    s.index_copy_(1, host_slots, layer.index_select(1, dev_slots))
+            return
+        with torch.cuda.stream(self._stream):
+            self._stream.wait_event(job.ready)
+            dev_slots = dev_slots.to(self.device, non_blocking=True)
+            staged = [(s, layer.index_select(1, dev_slots).to("cpu", non_blocking=True))
+                      for cache, saved in ((self.kv.keys, self.store.keys), (self.kv.values, self.store.values))
+                      for layer, s in zip(cache, saved)]
+            self._stream.synchronize()
+        for s, part in staged:
+            s.index_copy_(1, host_slots, part)
+
+    def _slots(self, block_ids: list[int], start: int, end: int) -> torch.Tensor:
+        bs = self.block_size
+        positions = torch.arange(start, end)
+        table = torch.tensor(block_ids[: blocks_for(end, bs)], dtype=torch.long)
+        return table[positions // bs] * bs + positions % bs

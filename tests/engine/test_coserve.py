@@ -1,0 +1,195 @@
+"""The ConServe mechanisms end to end on a tiny model: every policy, layer-wise yields (park and discard),
+evictions with checkpoint restores and with the recompute fallback leave greedy outputs exactly as
+transformers makes them, and leak no device or host blocks."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from engine.errors import InvalidRequestError
+from engine.sampling_params import SamplingParams
+from tiny_models import build_tiny_model, prompt_of
+
+NEW_TOKENS = 12
+GREEDY = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
+OFFLINE_PROMPTS = [prompt_of(n, seed=40 + i) for i, n in enumerate([70, 45, 90, 33, 60, 52])]
+ONLINE_PROMPTS = [prompt_of(n, seed=60 + i) for i, n in enumerate([9, 20, 5, 14])]
+
+
+@pytest.fixture(scope="module")
+def deep():
+    """Six layers, so a step has safepoints to stop at in the middle."""
+    return build_tiny_model(num_hidden_layers=6, seed=3)
+
+
+@pytest.fixture(scope="module")
+def expected(deep) -> dict[tuple[int, ...], list[int]]:
+    return {tuple(p): deep.reference_greedy(p, NEW_TOKENS) for p in OFFLINE_PROMPTS + ONLINE_PROMPTS}
+
+
+class ArrivalsAtSafepoints:
+    """Submits an online request from inside the engine's step, at chosen (step-visit, layer) safepoints
+    of steps that carry offline work: the arrival lands mid-step at a known layer, every run alike."""
+
+    def __init__(self, engine, at_layers: list[int]):
+        self.engine = engine
+        self.at_layers = list(at_layers)
+        self.prompts = list(ONLINE_PROMPTS)
+        self.streams = []
+        self.visited = []
+        self.yields = []
+        self._original = engine._safepoint
+        engine._safepoint = self
+
+    def __call__(self, layer: int) -> bool:
+        self.visited.append(layer)
+        if self.at_layers and self.prompts and layer == self.at_layers[0]:
+            self.at_layers.pop(0)
+            self.streams.append(self.engine.submit(self.prompts.pop(0), GREEDY, "online"))
+        stop = self._original(layer)
+        if stop:
+            self.yields.append(layer)
+        return stop
+
+
+class ArrivalsBetweenSteps:
+    """Submits an online request from the engine thread just before chosen scheduling rounds (for the
+    policies without safepoints)."""
+
+    def __init__(self, engine, at_rounds: list[int]):
+        self.engine = engine
+        self.at_rounds = set(at_rounds)
+        self.prompts = list(ONLINE_PROMPTS)
+        self.streams = []
+        self.rounds = 0
+        self._schedule = engine.scheduler.schedule
+        engine.scheduler.schedule = self
+
+    def __call__(self, *args, **kwargs):
+        self.rounds += 1
+        if self.rounds in self.at_rounds and self.prompts:
+            self.streams.append(self.engine.submit(self.prompts.pop(0), GREEDY, "online"))
+        return self._schedule(*args, **kwargs)
+
+
+def run_mixed(engine, at_layers: list[int] | None = None, at_rounds: list[int] | None = None):
+    arrivals = ArrivalsAtSafepoints(engine, at_layers) if at_layers else ArrivalsBetweenSteps(engine, at_rounds)
+    offline = [engine.submit(p, GREEDY, "offline") for p in OFFLINE_PROMPTS]
+    offline_out = [s.final() for s in offline]
+    online_out = [s.final() for s in arrivals.streams]
+    return offline_out, online_out, arrivals
+
+
+@pytest.mark.parametrize("mode", ["park", "discard"])
+def test_layer_wise_yields_leave_every_output_identical(deep, expected, mode):
+    with deep.engine(preemption_mode=mode, max_num_batched_tokens=64) as engine:
+        offline_out, online_out, arrivals = run_mixed(engine, at_layers=[2, 4, 1, 5])
+        stats = engine.stats()
+    assert [o.token_ids for o in offline_out] == [expected[tuple(p)] for p in OFFLINE_PROMPTS]
+    assert [o.token_ids for o in online_out] == [expected[tuple(p)] for p in ONLINE_PROMPTS[:len(online_out)]]
+    # "park" stops any step with offline work, so every planned arrival happens; "discard" only stops
+    # steps without online work, and the offline work is done before the later arrivals come due.
+    assert len(online_out) == (len(ONLINE_PROMPTS) if mode == "park" else 2)
+    assert stats.layer_yields == len(online_out)
+    assert (stats.discarded_tokens > 0) == (mode == "discard")
+    assert engine.pool.num_free == engine.pool.num_blocks
+
+
+def test_an_online_arrival_stops_an_offline_prefill_at_the_next_safepoint(deep):
+    """The step yields at the very safepoint after the arrival: the online request waits at most one
+    layer of the offline step, never the rest of it."""
+    long_prompt = prompt_of(400, seed=5)
+    with deep.engine(max_num_batched_tokens=512, num_kv_blocks=128) as engine:
+        arrivals = ArrivalsAtSafepoints(engine, at_layers=[3])
+        offline = engine.submit(long_prompt, GREEDY, "offline")
+        while not arrivals.streams:
+            threading.Event().wait(0.01)
+        online = arrivals.streams[0].final()
+        stats = engine.stats()
+    # The arrival came at safepoint 3 and the step stopped right there, before layer 3; resumed after
+    # the online step, it went on from layer 3 (not asked again) to the end.
+    assert arrivals.yields == [3] and stats.layer_yields == 1
+    assert arrivals.visited[:6] == [0, 1, 2, 3, 4, 5]
+    assert online.metrics.queued < offline.final().metrics.e2e
+    assert online.token_ids == deep.reference_greedy(ONLINE_PROMPTS[0], NEW_TOKENS)
+
+
+@pytest.mark.parametrize("policy", ["fcfs", "priority", "conserve"])
+def test_every_policy_generates_the_same_tokens_under_memory_pressure(deep, expected, policy):
+    """A pool too small for all offline requests at once: they are admitted as blocks allow, evicted
+    for online arrivals, and restored or recomputed, yet every output is transformers' greedy one."""
+    with deep.engine(policy=policy, num_kv_blocks=40, max_num_batched_tokens=32) as engine:
+        offline_out, online_out, _ = run_mixed(engine, at_rounds=[3, 6, 9, 12])
+        stats = engine.stats()
+    assert [o.token_ids for o in offline_out] == [expected[tuple(p)] for p in OFFLINE_PROMPTS]
+    assert [o.token_ids for o in online_out] == [expected[tuple(p)] for p in ONLINE_PROMPTS]
+    assert engine.pool.num_free == engine.pool.num_blocks
+    if policy != "fcfs":
+        assert stats.num_preemptions > 0
+
+
+def test_online_only_refuses_offline_work(deep):
+    with deep.engine(policy="online-only") as engine:
+        with pytest.raises(InvalidRequestError, match="refuses offline"):
+            engine.submit(OFFLINE_PROMPTS[0], GREEDY, "offline")
+        assert engine.generate([ONLINE_PROMPTS[0]], GREEDY, "online")[0].token_ids == \
+            deep.reference_greedy(ONLINE_PROMPTS[0], NEW_TOKENS)
+
+
+class EvictEveryFewSteps:
+    """A safepoint hook that, every `period`-th offline step, evicts every running offline request from
+    inside the engine thread (where evictions happen) and stops that step; the steps between run whole."""
+
+    def __init__(self, engine, period: int):
+        self.engine = engine
+        self.period = period
+        self.steps = 0
+        self.evictions = 0
+        engine._safepoint = self
+
+    def __call__(self, layer: int) -> bool:
+        if layer != 0:
+            return False
+        self.steps += 1
+        if self.steps % self.period:
+            return False
+        self.engine.checkpointer.wait_idle()  # every committed token saved: an eviction then loses nothing
+        for req in [r for r in self.engine.scheduler.running if not r.online]:
+            self.engine.scheduler.preempt(req)
+            self.evictions += 1
+        return True  # its requests were just evicted: this step must not finish
+
+
+def test_evicted_offline_requests_resume_from_their_checkpoint(deep):
+    """Evict mid-prefill and mid-decode, many times over: the host store brings the KV back, so almost
+    nothing is recomputed, outputs stay exact, and no device or host block leaks."""
+    prompts = [prompt_of(n, seed=80 + i) for i, n in enumerate([150, 120, 97])]
+    params = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
+    with deep.engine(max_num_batched_tokens=48, num_kv_blocks=128, preemption_mode="discard") as engine:
+        store = engine.checkpointer.store
+        hook = EvictEveryFewSteps(engine, period=2)
+        outputs = [s.final() for s in [engine.submit(p, params, "offline") for p in prompts]]
+        stats = engine.stats()
+        assert engine.pool.num_free == engine.pool.num_blocks
+        assert store.pool.num_free == store.pool.num_blocks
+    assert [o.token_ids for o in outputs] == [deep.reference_greedy(p, 30) for p in prompts]
+    assert hook.evictions >= 40 and stats.num_preemptions == hook.evictions
+    assert stats.restored_tokens > 1000
+    # The copies are waited for before each eviction, so only a discarded step's tokens come back as work.
+    assert stats.recomputed_tokens == 0
+
+
+def test_a_full_checkpoint_store_falls_back_to_recompute(deep):
+    prompts = [prompt_of(n, seed=90 + i) for i, n in enumerate([150, 120])]
+    params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
+    block_bytes = 2 * 2 * 6 * 16 * 8 * 4  # k and v, 2 KV heads, 6 layers, head_dim 16, 8-token blocks, fp32
+    with deep.engine(max_num_batched_tokens=48, num_kv_blocks=128, preemption_mode="discard",
+                     checkpoint_bytes=6 * block_bytes) as engine:
+        assert engine.checkpointer.store.pool.num_blocks == 6
+        EvictEveryFewSteps(engine, period=4)
+        outputs = [s.final() for s in [engine.submit(p, params, "offline") for p in prompts]]
+        stats = engine.stats()
+        assert engine.checkpointer.store.pool.num_free == 6
+    assert [o.token_ids for o in outputs] == [deep.reference_greedy(p, 20) for p in prompts]
+    assert stats.checkpoint_store_full >= 1 and stats.recomputed_tokens > 0 and stats.restored_tokens > 0
