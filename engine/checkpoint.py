@@ -40,6 +40,12 @@ class _Job:
     generation: int
     start: int
     end: int
+
+
+@dataclass
+class _StepJobs:
+    """The copies one step asked for, done together: one gather per layer for the whole step."""
+    jobs: list[_Job]
     ready: torch.cuda.Event | None  # CUDA: recorded after the step that computed the tokens
 
 
@@ -59,7 +65,7 @@ class Checkpointer:
         self.stats = CheckpointStats()
         self._lock = threading.Lock()
         self._work = threading.Condition(self._lock)
-        self._jobs: deque[_Job] = deque()
+        self._jobs: deque[_StepJobs] = deque()
         self._busy = False
         self._closed = False
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
@@ -69,14 +75,16 @@ class Checkpointer:
 
     # ---- called on the engine thread ------------------------------------------------------------
 
-    def save(self, req: Request, start: int, end: int) -> None:
-        """Queue the copy of tokens [start, end) of req, just computed, to the store."""
+    def save(self, spans: list[tuple[Request, int, int]]) -> None:
+        """Queue the copies of tokens [start, end) of each request, just computed by one step."""
+        if not spans:
+            return
         ready = None
         if self._stream is not None:
             ready = torch.cuda.Event()
             ready.record()
         with self._work:
-            self._jobs.append(_Job(req, req.kv_generation, start, end, ready))
+            self._jobs.append(_StepJobs([_Job(r, r.kv_generation, a, b) for r, a, b in spans], ready))
             self._work.notify()
 
     def on_evict(self, req: Request) -> None:
@@ -94,8 +102,8 @@ class Checkpointer:
         """Copy req's first num_tokens tokens from the store into its (new) device blocks."""
         if num_tokens <= 0:
             return
-        dev, host = self._slots(req.block_ids, 0, num_tokens), self._slots(req.host_block_ids, 0, num_tokens)
-        dev = dev.to(self.device)
+        dev = torch.tensor(self._slots(req.block_ids, 0, num_tokens), device=self.device)
+        host = torch.tensor(self._slots(req.host_block_ids, 0, num_tokens))
         for cache, saved in ((self.kv.keys, self.store.keys), (self.kv.values, self.store.values)):
             for layer, s in zip(cache, saved):
                 layer.index_copy_(1, dev, s.index_select(1, host).to(self.device, non_blocking=True))
@@ -137,23 +145,25 @@ class Checkpointer:
                 self._work.wait_for(lambda: self._jobs or self._closed)
                 if self._closed:
                     return
-                job = self._jobs.popleft()
+                step = self._jobs.popleft()
                 self._busy = True
-                plan = self._plan(job)
-            if plan is None:
+                planned = [(job, plan) for job in step.jobs if (plan := self._plan(job)) is not None]
+            if not planned:
                 continue
             try:
-                self._copy(job, *plan)
-            except Exception:  # a failed copy only loses a checkpoint: the request will recompute instead
-                log.exception("KV checkpoint copy failed for %s", job.request.request_id)
+                self._copy(torch.tensor([slot for _, (dev, _) in planned for slot in dev]),
+                           torch.tensor([slot for _, (_, host) in planned for slot in host]), step.ready)
+            except Exception:  # a failed copy only loses checkpoints: those requests will recompute instead
+                log.exception("KV checkpoint copy failed")
                 continue
             with self._lock:
-                req = job.request
-                if req.kv_generation == job.generation and req.num_checkpointed_tokens == job.start:
-                    req.num_checkpointed_tokens = job.end
-                    self.stats.checkpointed_tokens += job.end - job.start
+                for job, _ in planned:
+                    req = job.request
+                    if req.kv_generation == job.generation and req.num_checkpointed_tokens == job.start:
+                        req.num_checkpointed_tokens = job.end
+                        self.stats.checkpointed_tokens += job.end - job.start
 
-    def _plan(self, job: _Job) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def _plan(self, job: _Job) -> tuple[list[int], list[int]] | None:
         """Under the lock: host blocks for the job and the slots to copy, or None to skip it."""
         req = job.request
         # Stale (evicted or finished since), or a gap before it (an earlier copy was skipped): the
@@ -170,14 +180,14 @@ class Checkpointer:
         return (self._slots(req.block_ids, job.start, job.end),
                 self._slots(req.host_block_ids, job.start, job.end))
 
-    def _copy(self, job: _Job, dev_slots: torch.Tensor, host_slots: torch.Tensor) -> None:
+    def _copy(self, dev_slots: torch.Tensor, host_slots: torch.Tensor, ready: torch.cuda.Event | None) -> None:
         if self._stream is None:
             for cache, saved in ((self.kv.keys, self.store.keys), (self.kv.values, self.store.values)):
                 for layer, s in zip(cache, saved):
                     s.index_copy_(1, host_slots, layer.index_select(1, dev_slots))
             return
         with torch.cuda.stream(self._stream):
-            self._stream.wait_event(job.ready)
+            self._stream.wait_event(ready)
             dev_slots = dev_slots.to(self.device, non_blocking=True)
             staged = [(s, layer.index_select(1, dev_slots).to("cpu", non_blocking=True))
                       for cache, saved in ((self.kv.keys, self.store.keys), (self.kv.values, self.store.values))
@@ -186,8 +196,7 @@ class Checkpointer:
         for s, part in staged:
             s.index_copy_(1, host_slots, part)
 
-    def _slots(self, block_ids: list[int], start: int, end: int) -> torch.Tensor:
+    def _slots(self, block_ids: list[int], start: int, end: int) -> list[int]:
+        """Slot numbers of tokens [start, end) (plain Python: most copies are a token or a few)."""
         bs = self.block_size
-        positions = torch.arange(start, end)
-        table = torch.tensor(block_ids[: blocks_for(end, bs)], dtype=torch.long)
-        return table[positions // bs] * bs + positions % bs
+        return [block_ids[p // bs] * bs + p % bs for p in range(start, end)]

@@ -346,8 +346,9 @@ class Engine:
             return True
         with self._lock:
             st = self._stats
-            for c in chunks:
-                self._commit(c, st)
+            spans = [self._commit(c, st) for c in chunks]
+            if self.checkpointer is not None:
+                self.checkpointer.save([(c.request, *span) for c, span in zip(chunks, spans) if not c.request.online])
             st.num_steps += 1
             st.busy_seconds += now - started
             st.generation_tokens += len(result)
@@ -365,8 +366,8 @@ class Engine:
                 self._emit_token(req, token, now)
         return True
 
-    def _commit(self, chunk: ScheduledChunk, st: EngineStats) -> None:
-        """Advance a request past a computed chunk; count progress, recompute and queue its checkpoint."""
+    def _commit(self, chunk: ScheduledChunk, st: EngineStats) -> tuple[int, int]:
+        """Advance a request past a computed chunk, count progress and recompute; return the token span."""
         req = chunk.request
         start, end = req.num_computed_tokens, req.num_computed_tokens + chunk.num_tokens
         fresh_from = max(start, req.high_water)
@@ -375,8 +376,7 @@ class Engine:
         st.prompt_tokens_by_class[req.request_class.value] += max(0, min(end, req.num_prompt_tokens) - fresh_from)
         req.high_water = max(req.high_water, end)
         req.num_computed_tokens = end
-        if self.checkpointer is not None and not req.online:
-            self.checkpointer.save(req, start, end)
+        return start, end
 
     def _emit_token(self, req: Request, token: int, now: float) -> None:
         if req.times.first_token is None:
