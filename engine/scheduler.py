@@ -133,8 +133,7 @@ class Scheduler:
         if self.policy.harvests and online_active:
             if any(c.request.online and c.num_tokens > 1 for c in out.chunks):
                 return out  # an online prefill chunk: its first token waits on this step, add nothing
-            step.seconds_left = self.config.slo_tpot_s * TPOT_PLANNING_SHARE - self._predict(out.chunks)
-            step.cost_model = self.cost_model
+            step.limit_time(self.cost_model, self.config.slo_tpot_s * TPOT_PLANNING_SHARE)
         self._run_running(step, [r for r in self.running if not r.online])
         if not out.preempted:
             self._admit(step, self._queues[RequestClass.OFFLINE], busy)
@@ -190,9 +189,6 @@ class Scheduler:
         if self.config.enable_chunked_prefill or req.num_output_tokens > 0:
             return budget
         return 0
-
-    def _predict(self, chunks: list[ScheduledChunk]) -> float:
-        return self.cost_model.predict([(c.num_tokens, c.request.num_computed_tokens) for c in chunks])
 
     # ---- memory -----------------------------------------------------------------------------------
 
@@ -281,36 +277,40 @@ class Scheduler:
 
 class _StepPlan:
     """The step being planned: its output, token budget, and (while online work is in flight under
-    conserve) the predicted seconds offline tokens may still add."""
+    conserve) the predicted seconds it may take. Predictions cover the whole step, not chunk by chunk:
+    the cost of a decode depends on the longest decode beside it (the runner pads decodes to it)."""
 
     def __init__(self, out: SchedulerOutput, budget: int):
         self.out = out
         self.budget = budget
         self.scheduled: set[str] = set()
         self.cost_model: StepCostModel | None = None
-        self.seconds_left = float("inf")
+        self.seconds_limit = float("inf")
+        self._shape: list[tuple[int, int]] = []
+
+    def limit_time(self, cost_model: StepCostModel, seconds: float) -> None:
+        self.cost_model = cost_model
+        self.seconds_limit = seconds
 
     def chunk(self, req: Request, n: int, start: int | None = None) -> int:
-        """n, cut to what the time left allows when the step is time-limited (offline fill)."""
+        """n, cut to the largest chunk that keeps the predicted step time within the limit."""
         if self.cost_model is None or n == 0:
             return n
         start = req.num_computed_tokens if start is None else start
-        base = self.cost_model.predict([])
-        if self.cost_model.predict([(1, start)]) - base > self.seconds_left:
+
+        def fits(k: int) -> bool:
+            return self.cost_model.predict([*self._shape, (k, start)]) <= self.seconds_limit
+
+        if not fits(1):
             return 0
-        lo, hi = 1, n  # largest chunk whose added time fits: the cost grows with the chunk
+        lo, hi = 1, n  # the cost grows with the chunk: binary search for the largest that fits
         while lo < hi:
             mid = (lo + hi + 1) // 2
-            if self.cost_model.predict([(mid, start)]) - base <= self.seconds_left:
-                lo = mid
-            else:
-                hi = mid - 1
+            lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
         return lo
 
     def add(self, req: Request, n: int) -> None:
-        if self.cost_model is not None:
-            start = req.num_computed_tokens
-            self.seconds_left -= self.cost_model.predict([(n, start)]) - self.cost_model.predict([])
+        self._shape.append((n, req.num_computed_tokens))
         self.out.chunks.append(ScheduledChunk(req, n))
         self.scheduled.add(req.request_id)
         self.budget -= n
