@@ -64,7 +64,10 @@ def _chat(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                                 top_p=args.top_p, seed=args.seed)
         # Anything a library prints while loading belongs on stderr: stdout is the answer alone.
         with contextlib.redirect_stdout(sys.stderr):
-            engine = Engine(EngineConfig(model=args.model, dtype=args.dtype, device=args.device))
+            # One online conversation: the co-serving machinery (a step-latency profile on first start,
+            # the checkpoint store) has nothing to do here.
+            engine = Engine(EngineConfig(model=args.model, dtype=args.dtype, device=args.device,
+                                         policy="online-only"))
     except bad_input as exc:
         parser.exit(BAD_INPUT_EXIT, f"conserve chat: error: {exc}\n")
 
