@@ -1,7 +1,8 @@
 """Step-latency model for the SLO-aware scheduler: predicts one step's seconds from its chunk shapes.
 
 A step is a list of chunks (p, c): p tokens computed this step for one request that already has c
-tokens in the KV cache. The model is linear in five features, each tied to a part of the step:
+tokens in the KV cache. The model is linear in four features and a constant, each tied to a part of
+the step:
 
     t = per_token * P + per_attended * sum p*(p+c) + per_context * sum (p+c) + per_seq * S + per_step
 
@@ -39,7 +40,8 @@ Chunks = Sequence[tuple[int, int]]
 Sample = tuple[Chunks, float]  # (chunks of one step, measured seconds)
 
 
-def features(chunks: Chunks) -> tuple[int, int, int, int, int]:
+def features(chunks: Chunks) -> tuple[int, int, int, int]:
+    """(P, sum p*(p+c), sum (p+c), S) of a step, decodes counted at the longest decode's context."""
     tokens = attended = context = 0
     decodes = longest_decode = 0
     for p, c in chunks:
@@ -52,7 +54,7 @@ def features(chunks: Chunks) -> tuple[int, int, int, int, int]:
             context += n
         tokens += p
     padded = decodes * longest_decode  # one new token against the padded context, for each decode
-    return tokens, attended + padded, context + padded, len(chunks), 1
+    return tokens, attended + padded, context + padded, len(chunks)
 
 
 @dataclass(frozen=True)
@@ -65,7 +67,7 @@ class CostModel:
 
     def predict(self, chunks: Chunks) -> float:
         """Predicted seconds of a step that computes these (p, c) chunks."""
-        tokens, attended, context, seqs, _ = features(chunks)
+        tokens, attended, context, seqs = features(chunks)
         return (self.per_token * tokens + self.per_attended * attended + self.per_context * context
                 + self.per_seq * seqs + self.per_step)
 
@@ -75,7 +77,7 @@ class CostModel:
         let the scheduler buy time by adding work."""
         if not samples:
             raise ValueError("fitting a cost model needs at least one sample")
-        x = np.array([features(chunks) for chunks, _ in samples], dtype=np.float64)
+        x = np.array([(*features(chunks), 1) for chunks, _ in samples], dtype=np.float64)
         t = np.array([seconds for _, seconds in samples], dtype=np.float64)
         if not (t > 0).all():
             raise ValueError("step times must be positive")
@@ -129,6 +131,7 @@ def _nnls(a: np.ndarray, b: np.ndarray) -> np.ndarray:
                 break
             # Step from x toward z until the first coefficient reaches zero, pin it there, retry.
             blocking = free & (z <= tol)
-            x += np.min(x[blocking] / (x[blocking] - z[blocking])) * (z - x)
+            # (The column just freed has x == 0 and may have z <= 0 from rounding: then the step is 0.)
+            x += np.min(x[blocking] / np.maximum(x[blocking] - z[blocking], np.finfo(float).tiny)) * (z - x)
             free &= x > tol
     return x

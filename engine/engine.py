@@ -129,7 +129,7 @@ class Engine:
                         f"tokens {max_tokens}"])
         return load_or_profile(cfg.profile_cache_dir, key, lambda: profile_cost_model(
             self.runner, self.pool, max_tokens=max_tokens, max_seqs=min(cfg.max_num_seqs, 64),
-            max_context=min(self.max_model_len, 2048), time_budget_s=cfg.profile_seconds)[0])
+            max_context=min(self.max_model_len, 2048), time_budget_s=cfg.profile_seconds))
 
     def _run(self, loaded: LoadedModel | None) -> None:
         try:

@@ -83,31 +83,39 @@ def _spread(lo: int, hi: int, n: int) -> list[int]:
 
 
 def profile_shapes(max_tokens: int, max_seqs: int, max_context: int, rng: random.Random) -> list[list[tuple[int, int]]]:
-    """The steps to time, in random order so that a profile cut short by its budget is still a spread.
+    """The steps to time: the extremes first, then the rest in random order, so that a profile cut
+    short by its budget still spans the whole range and samples the middle evenly.
 
     Decode batches come with equal contexts and with ragged ones (the runner pads decodes to the
     longest); prefill chunks with no cached context and with some; and decodes beside one prefill chunk,
-    the shape of a step that mixes online decodes with offline prefill."""
+    the shape of a step that mixes online decodes with offline prefill. The extremes are the largest
+    prefill chunk and full decode batches: on 2 cores a decode's cost per context token grows with
+    the batch (64 sequences of 512 tokens cost about 2.4 us a token, 8 of 2,047 tokens 1.4 us, as
+    the gathered keys and values outgrow the caches), and full batches of online decodes are what
+    the TPOT bound is about."""
     seqs = _spread(1, max_seqs, 5)
     contexts = _spread(8, max(8, max_context - 1), 5)
     sizes = _spread(8, max_tokens, 6)
-    shapes: list[list[tuple[int, int]]] = []
+    longest = min(max_tokens, max_context)
+    extremes = [[(longest, 0)]] + [[(1, c)] * max_seqs for c in reversed(contexts)]
+    rest: list[list[tuple[int, int]]] = []
     for n in seqs:
         for c in contexts:
-            shapes.append([(1, c)] * n)
+            if n < max_seqs:
+                rest.append([(1, c)] * n)
             if n > 1:
-                shapes.append([(1, rng.randint(0, c)) for _ in range(n)])
+                rest.append([(1, rng.randint(0, c)) for _ in range(n)])
     for p in sizes:
         for c in [0] + contexts:
-            if p + c <= max_context:
-                shapes.append([(p, c)])
+            if p + c <= max_context and (p, c) != (longest, 0):
+                rest.append([(p, c)])
     for n in seqs:
         for p in sizes:
             if n + 1 <= max_seqs and n + p <= max_tokens:
                 c = rng.choice([0] + [x for x in contexts if p + x <= max_context])
-                shapes.append([(1, rng.randint(0, max_context - 1)) for _ in range(n)] + [(p, c)])
-    rng.shuffle(shapes)
-    return shapes
+                rest.append([(1, rng.randint(0, max_context - 1)) for _ in range(n)] + [(p, c)])
+    rng.shuffle(rest)
+    return extremes + rest
 
 
 def profile_cost_model(runner: ModelRunner, pool: BlockPool, max_tokens: int, max_seqs: int, max_context: int,
@@ -158,9 +166,16 @@ def default_cache_dir() -> Path:
     return Path(base) / "conserve" / "profiles"
 
 
-def load_or_profile(cache_dir: str | Path | None, key: str, profile: Callable[[], CostModel]) -> CostModel:
-    """The cost model cached for key (see device_key), or profile() written to the cache. A missing,
-    unreadable or corrupt file means profiling again; a cache that cannot be written is only logged."""
+# A fit worse than this on its own samples means the profile ran while something else held the cores
+# (measured: 8% on a quiet 2-core machine, 20-58% under contention): used for this run, never cached.
+MAX_CACHED_FIT_ERROR = 0.2
+
+
+def load_or_profile(cache_dir: str | Path | None, key: str,
+                    profile: Callable[[], tuple[CostModel, list[Sample]]]) -> CostModel:
+    """The cost model cached for key (see device_key), or the one profile() fits, written to the cache
+    if it fits its samples well. A missing, unreadable or corrupt file means profiling again; a cache
+    that cannot be written is only logged."""
     directory = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     digest = hashlib.sha256(f"v{PROFILE_VERSION}|{key}".encode()).hexdigest()[:24]
     path = directory / f"cost-model-{digest}.json"
@@ -173,7 +188,12 @@ def load_or_profile(cache_dir: str | Path | None, key: str, profile: Callable[[]
         pass
     except (OSError, ValueError, KeyError, AttributeError) as exc:
         log.warning("ignoring unreadable profile cache %s (%s); profiling again", path, exc)
-    model = profile()
+    model, samples = profile()
+    error = model.mean_relative_error(samples)
+    if error > MAX_CACHED_FIT_ERROR:
+        log.warning("step-latency profile fits its samples to %.0f%% only (busy machine?); using it without "
+                    "caching it", 100 * error)
+        return model
     try:
         directory.mkdir(parents=True, exist_ok=True)
         # Written whole, then renamed over: a reader (another engine starting) never sees half a file.
