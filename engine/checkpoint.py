@@ -14,6 +14,7 @@ import threading
 from collections import deque
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from engine.kv_cache import BlockPool, KVCache, blocks_for
@@ -70,6 +71,12 @@ class Checkpointer:
         self._closed = False
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._full: set[str] = set()
+        if self._stream is None:
+            # On CPU the copies go through numpy views of the same memory: numpy copies on the calling
+            # thread alone, while a torch op here would start an OpenMP team of its own to fight the
+            # engine's for the cores (and torch.set_num_threads is process-wide: it halved the engine).
+            pairs = list(zip(kv_cache.keys, store.keys)) + list(zip(kv_cache.values, store.values))
+            self._np_pairs = [(_as_numpy(dev), _as_numpy(host)) for dev, host in pairs]
         self._thread = threading.Thread(target=self._run, name="conserve-checkpoint", daemon=True)
         self._thread.start()
 
@@ -136,8 +143,6 @@ class Checkpointer:
     # ---- the copy thread ------------------------------------------------------------------------
 
     def _run(self) -> None:
-        # One thread for copies: an OpenMP team of its own would fight the engine thread's for the cores.
-        torch.set_num_threads(1)
         while True:
             with self._work:
                 self._busy = False
@@ -151,8 +156,8 @@ class Checkpointer:
             if not planned:
                 continue
             try:
-                self._copy(torch.tensor([slot for _, (dev, _) in planned for slot in dev]),
-                           torch.tensor([slot for _, (_, host) in planned for slot in host]), step.ready)
+                self._copy([slot for _, (dev, _) in planned for slot in dev],
+                           [slot for _, (_, host) in planned for slot in host], step.ready)
             except Exception:  # a failed copy only loses checkpoints: those requests will recompute instead
                 log.exception("KV checkpoint copy failed")
                 continue
@@ -180,15 +185,16 @@ class Checkpointer:
         return (self._slots(req.block_ids, job.start, job.end),
                 self._slots(req.host_block_ids, job.start, job.end))
 
-    def _copy(self, dev_slots: torch.Tensor, host_slots: torch.Tensor, ready: torch.cuda.Event | None) -> None:
+    def _copy(self, dev_slots: list[int], host_slots: list[int], ready: torch.cuda.Event | None) -> None:
         if self._stream is None:
-            for cache, saved in ((self.kv.keys, self.store.keys), (self.kv.values, self.store.values)):
-                for layer, s in zip(cache, saved):
-                    s.index_copy_(1, host_slots, layer.index_select(1, dev_slots))
+            dev_idx, host_idx = np.asarray(dev_slots), np.asarray(host_slots)
+            for dev, host in self._np_pairs:
+                host[:, host_idx] = dev[:, dev_idx]
             return
+        host_slots = torch.tensor(host_slots)
         with torch.cuda.stream(self._stream):
             self._stream.wait_event(ready)
-            dev_slots = dev_slots.to(self.device, non_blocking=True)
+            dev_slots = torch.tensor(dev_slots).to(self.device, non_blocking=True)
             staged = [(s, layer.index_select(1, dev_slots).to("cpu", non_blocking=True))
                       for cache, saved in ((self.kv.keys, self.store.keys), (self.kv.values, self.store.values))
                       for layer, s in zip(cache, saved)]
@@ -200,3 +206,10 @@ class Checkpointer:
         """Slot numbers of tokens [start, end) (plain Python: most copies are a token or a few)."""
         bs = self.block_size
         return [block_ids[p // bs] * bs + p % bs for p in range(start, end)]
+
+
+def _as_numpy(t: torch.Tensor) -> np.ndarray:
+    """A numpy view of a CPU tensor's memory (bfloat16, which numpy lacks, seen as same-sized integers)."""
+    if t.dtype in (torch.bfloat16, torch.float16):
+        t = t.view(torch.int16)
+    return t.numpy()

@@ -31,7 +31,7 @@ class EngineConfig:
                                        # of steps that carry offline tokens beside online decodes
     offline_max_batched_tokens: int | None = None  # budget of steps with no online work (default: max_num_batched_tokens)
     preemption_mode: str = "park"      # layer-wise preemption: "park" the hidden state or "discard" the step
-    checkpoint_bytes: int | None = None  # host KV checkpoint store; default: as large as the device pool; 0 = off
+    checkpoint_bytes: int | None = None  # host KV checkpoint store; default: twice the device pool; 0 = off
     online_reserve_fraction: float = 0.1  # share of KV blocks offline admission leaves free for online bursts
     profile_cache_dir: str | Path | None = None  # cached step-latency profiles; default ~/.cache/conserve/profiles
     profile_seconds: float = 5.0       # time spent profiling step latency when no cached profile fits

@@ -109,7 +109,9 @@ class Engine:
         if self.policy.harvests:
             cost_model = self._cost_model(loaded, dtype, num_blocks)
             store_bytes = config.checkpoint_bytes
-            store_blocks = num_blocks if store_bytes is None else store_bytes // kv_bytes_per_block(mc, config.block_size, dtype)
+            # Default: twice the device pool, so evicted requests waiting to resume keep their checkpoints
+            # beside those of the running ones (a store the pool's size filled up and fell back to recompute).
+            store_blocks = 2 * num_blocks if store_bytes is None else store_bytes // kv_bytes_per_block(mc, config.block_size, dtype)
             if store_blocks > 0:
                 self.checkpointer = Checkpointer(self.kv_cache, HostKVStore(self.kv_cache, store_blocks,
                                                                            pin=self.device.type == "cuda"), self.device)
@@ -306,20 +308,27 @@ class Engine:
             inserted = self.scheduler.schedule(only_new_online=True, busy=frozenset(parked.requests))
             if inserted.chunks:
                 self._run_step(inserted.chunks, lambda: self.runner.execute(inserted.chunks), inserted.restored_tokens)
-            return self._run_step(parked.chunks, lambda: self.runner.resume(parked, self._safepoint), 0)
+            self._run_step(parked.chunks, lambda: self.runner.resume(parked, self._safepoint), 0)
+            return True
+        planned = time.monotonic()
         sched = self.scheduler.schedule()
         if not sched.chunks:
             return False
         preemptible = self.policy.harvests and sched.has_offline and (
             self.config.preemption_mode == "park" or not sched.has_online)
         safepoint = self._safepoint if preemptible else None
-        return self._run_step(sched.chunks, lambda: self.runner.execute(sched.chunks, safepoint), sched.restored_tokens)
+        committed = self._run_step(sched.chunks, lambda: self.runner.execute(sched.chunks, safepoint),
+                                   sched.restored_tokens)
+        if committed and sched.predicted_s is not None:
+            self.scheduler.observe(sched.predicted_s, time.monotonic() - planned)
+        return True
 
     def _safepoint(self, layer: int) -> bool:
         return self._online_arrived
 
     def _run_step(self, chunks: list[ScheduledChunk], compute, restored_tokens: int) -> bool:
-        """Run one planned step (compute() does the model's work), then commit what it computed."""
+        """Run one planned step (compute() does the model's work), then commit what it computed.
+        True if it was committed (False: it failed, or stopped at a safepoint)."""
         started = time.monotonic()
         for c in chunks:
             if c.request.times.first_scheduled is None:
@@ -331,7 +340,7 @@ class Engine:
             for c in chunks:
                 if c.request.request_id in self._live:
                     self._finish(c.request.request_id, "abort", error=f"engine step failed: {exc}")
-            return True
+            return False
         now = time.monotonic()
         if isinstance(result, ParkedStep):
             discard = self.config.preemption_mode == "discard"
@@ -343,7 +352,7 @@ class Engine:
                 self._stats.restored_tokens += restored_tokens
                 if discard:
                     self._stats.discarded_tokens += sum(c.num_tokens for c in chunks)
-            return True
+            return False
         with self._lock:
             st = self._stats
             spans = [self._commit(c, st) for c in chunks]

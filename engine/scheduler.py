@@ -20,9 +20,13 @@ from engine.kv_cache import BlockPool
 from engine.policy import Policy
 from engine.request import Request, RequestClass, RequestStatus
 
-# Steps beside online decodes are planned to this share of the TPOT SLO: the rest absorbs the cost
-# model's error and the time outside the model (sampling, scheduling).
+# Steps beside online decodes are planned to this share of the TPOT SLO: the rest absorbs the noise
+# of single steps. The model's systematic error, and the time a step spends outside the model (sampling,
+# scheduling, streaming), are learnt while serving: see Scheduler.observe.
 TPOT_PLANNING_SHARE = 0.9
+# Weight of the newest step in the running measured/predicted ratio, and the bounds it is kept in.
+TIME_SCALE_WEIGHT = 0.2
+TIME_SCALE_BOUNDS = (0.5, 4.0)
 
 
 class StepCostModel(Protocol):
@@ -64,6 +68,8 @@ class SchedulerOutput:
     chunks: list[ScheduledChunk] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
     restored_tokens: int = 0
+    # Set when the step was sized to the TPOT SLO: the seconds the cost model predicts for it.
+    predicted_s: float | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -90,6 +96,9 @@ class Scheduler:
         self._queues = {RequestClass.ONLINE: deque(), RequestClass.OFFLINE: deque()}
         self.running: list[Request] = []
         self.num_preemptions = 0
+        # Measured / predicted seconds of SLO-sized steps, smoothed: corrects the profile to what steps
+        # really take here and now (measured: the profile alone under-predicted such steps by 10-20%).
+        self.time_scale = 1.0
 
     @property
     def waiting(self) -> list[Request]:
@@ -133,11 +142,18 @@ class Scheduler:
         if self.policy.harvests and online_active:
             if any(c.request.online and c.num_tokens > 1 for c in out.chunks):
                 return out  # an online prefill chunk: its first token waits on this step, add nothing
-            step.limit_time(self.cost_model, self.config.slo_tpot_s * TPOT_PLANNING_SHARE)
+            step.limit_time(self.cost_model, self.config.slo_tpot_s * TPOT_PLANNING_SHARE / self.time_scale)
         self._run_running(step, [r for r in self.running if not r.online])
         if not out.preempted:
             self._admit(step, self._queues[RequestClass.OFFLINE], busy)
+        if step.cost_model is not None and out.chunks:
+            out.predicted_s = step.predicted()
         return out
+
+    def observe(self, predicted_s: float, measured_s: float) -> None:
+        """Learn from an SLO-sized step: measured_s is the time from planning it to handing out its tokens."""
+        ratio = min(max(measured_s / max(predicted_s, 1e-6), TIME_SCALE_BOUNDS[0]), TIME_SCALE_BOUNDS[1])
+        self.time_scale += TIME_SCALE_WEIGHT * (ratio - self.time_scale)
 
     def _run_running(self, step: "_StepPlan", requests: list[Request]) -> None:
         for req in requests:
@@ -308,6 +324,9 @@ class _StepPlan:
             mid = (lo + hi + 1) // 2
             lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
         return lo
+
+    def predicted(self) -> float:
+        return self.cost_model.predict(self._shape)
 
     def add(self, req: Request, n: int) -> None:
         self._shape.append((n, req.num_computed_tokens))

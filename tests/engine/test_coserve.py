@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 
 import pytest
+import torch
 
 from engine.errors import InvalidRequestError
 from engine.sampling_params import SamplingParams
@@ -167,6 +168,7 @@ def test_evicted_offline_requests_resume_from_their_checkpoint(deep):
     prompts = [prompt_of(n, seed=80 + i) for i, n in enumerate([150, 120, 97])]
     params = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
     with deep.engine(max_num_batched_tokens=48, num_kv_blocks=128, preemption_mode="discard") as engine:
+        threads = torch.get_num_threads()
         store = engine.checkpointer.store
         hook = EvictEveryFewSteps(engine, period=2)
         outputs = [s.final() for s in [engine.submit(p, params, "offline") for p in prompts]]
@@ -174,6 +176,7 @@ def test_evicted_offline_requests_resume_from_their_checkpoint(deep):
         assert engine.pool.num_free == engine.pool.num_blocks
         assert store.pool.num_free == store.pool.num_blocks
     assert [o.token_ids for o in outputs] == [deep.reference_greedy(p, 30) for p in prompts]
+    assert torch.get_num_threads() == threads  # the copy thread must not take the engine's threads away
     assert hook.evictions >= 40 and stats.num_preemptions == hook.evictions
     assert stats.restored_tokens > 1000
     # The copies are waited for before each eviction, so only a discarded step's tokens come back as work.
