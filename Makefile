@@ -15,8 +15,9 @@ PROMPT ?= What is the capital of France?
 export PROMPT
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
+COSERVE_ARGS ?=
 
-.PHONY: install run test bench clean
+.PHONY: install run test bench bench-coserve clean
 
 install: $(STAMP)
 
@@ -39,6 +40,13 @@ test: install
 bench: install
 	mkdir -p bench/results
 	$(PY) bench/throughput.py --json bench/results/throughput.json $(BENCH_ARGS)
+
+# Co-serving benchmark (bench/README.md): every policy on the same online trace plus an offline backlog,
+# about 7 minutes with the default 60 s window. matplotlib (the `bench` extra) is installed on first use.
+bench-coserve: install
+	$(PY) -c 'import matplotlib' 2>/dev/null || $(PIP) install -e '.[dev,bench]'
+	mkdir -p bench/results
+	$(PY) bench/coserve.py --json bench/results/coserve.json $(COSERVE_ARGS)
 
 clean:
 	rm -rf $(VENV) *.egg-info

@@ -99,6 +99,13 @@ class Checkpointer:
         with self._lock:
             req.kv_generation += 1
 
+    def settle(self, req: Request, timeout: float = 0.05) -> None:
+        """Wait (briefly) for req's queued copies, before an eviction no online request is waiting on:
+        a copy of a few milliseconds is cheaper than recomputing the chunk it holds."""
+        with self._work:
+            self._work.wait_for(lambda: req.num_checkpointed_tokens >= req.num_computed_tokens
+                                or not (self._jobs or self._busy), timeout)
+
     def restorable(self, req: Request) -> int:
         """Tokens of req a restore would bring back; at least one token is always left to compute, so the
         step that resumes req samples its next token."""

@@ -23,7 +23,7 @@ from engine.request import Request, RequestClass, RequestStatus
 # Steps beside online decodes are planned to this share of the TPOT SLO: the rest absorbs the noise
 # of single steps. The model's systematic error, and the time a step spends outside the model (sampling,
 # scheduling, streaming), are learnt while serving: see Scheduler.observe.
-TPOT_PLANNING_SHARE = 0.9
+TPOT_PLANNING_SHARE = 0.85
 # Weight of the newest step in the running measured/predicted ratio, and the bounds it is kept in.
 TIME_SCALE_WEIGHT = 0.2
 TIME_SCALE_BOUNDS = (0.5, 4.0)
@@ -35,6 +35,7 @@ class StepCostModel(Protocol):
 
 
 class KVCheckpoints(Protocol):
+    def settle(self, req: Request) -> None: ...
     def restorable(self, req: Request) -> int: ...
     def restore(self, req: Request, num_tokens: int) -> None: ...
     def on_evict(self, req: Request) -> None: ...
@@ -220,6 +221,11 @@ class Scheduler:
             victim = self._victim(req, step)
             if victim is None:
                 return False
+            if self.checkpoints is not None and not req.online:
+                # Offline evicting offline: no online request waits on this, so let the victim's copies
+                # in flight land first (measured: evictions right after a step otherwise lost its
+                # last 512-token chunk to recompute).
+                self.checkpoints.settle(victim)
             self.preempt(victim)
             step.out.preempted.append(victim)
             if victim is req:

@@ -68,15 +68,15 @@ def test_priority_evicts_the_latest_offline_request_for_an_online_one():
 
 
 def test_conserve_fills_steps_beside_online_decodes_only_up_to_the_tpot_slo():
-    # SLO 50 ms, planned to 90%: 45 ms, of which the step's 10 ms and the online decode's 1 ms are taken.
+    # SLO 50 ms, planned to 85%: 42.5 ms, of which the step's 10 ms and the online decode's 1 ms are taken.
     s = scheduler("conserve", budget=256, slo_tpot_s=0.050)
     on = request("on", 4, "online", max_tokens=50)
     s.add(on)
     step(s)
     s.add(request("off", 200, "offline"))
     out = step(s)
-    assert chunks(out) == [("on", 1), ("off", 34)]
-    assert 0.045 - 0.001 < COST.predict([(c.num_tokens, 0) for c in out.chunks]) <= 0.045 + 1e-12
+    assert chunks(out) == [("on", 1), ("off", 31)]
+    assert 0.0425 - 0.001 < COST.predict([(c.num_tokens, 0) for c in out.chunks]) <= 0.0425
 
 
 def test_conserve_adds_no_offline_work_to_a_step_with_an_online_prefill():
@@ -105,6 +105,9 @@ def test_conserve_offline_admission_leaves_the_online_reserve_free():
 class FakeCheckpoints:
     def __init__(self):
         self.saved: dict[str, int] = {}
+
+    def settle(self, req):
+        pass
 
     def restorable(self, req):
         return min(self.saved.get(req.request_id, 0), req.num_tokens - 1)
