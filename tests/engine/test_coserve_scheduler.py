@@ -7,7 +7,8 @@ from engine.kv_cache import BlockPool
 from engine.policy import Policy
 from engine.request import Request, RequestClass
 from engine.sampling_params import SamplingParams
-from engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from engine.scheduler import Scheduler, SchedulerConfig
+from scheduler_steps import chunks, step
 
 # 1 ms per token and 10 ms per step: easy to reason about.
 COST = CostModel(per_token=0.001, per_step=0.010)
@@ -21,21 +22,6 @@ def request(name: str, prompt_len: int, klass: str, max_tokens: int = 16) -> Req
 def scheduler(policy: str, num_blocks: int = 64, block_size: int = 4, budget: int = 64, **extra) -> Scheduler:
     config = SchedulerConfig(128, budget, True, Policy(policy), **extra)
     return Scheduler(config, BlockPool(num_blocks, block_size), cost_model=COST)
-
-
-def step(s: Scheduler) -> SchedulerOutput:
-    out = s.schedule()
-    sampling = [c.request for c in out.chunks if c.samples]
-    for c in out.chunks:
-        c.request.num_computed_tokens += c.num_tokens
-    for r in sampling:
-        if r.append_token(7) is not None:
-            s.finish(r)
-    return out
-
-
-def chunks(out: SchedulerOutput) -> list[tuple[str, int]]:
-    return [(c.request.request_id, c.num_tokens) for c in out.chunks]
 
 
 def test_fcfs_serves_in_arrival_order_whatever_the_class():

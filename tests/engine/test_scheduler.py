@@ -7,7 +7,8 @@ import pytest
 from engine.kv_cache import BlockPool
 from engine.request import Request, RequestClass, RequestStatus
 from engine.sampling_params import SamplingParams
-from engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from engine.scheduler import Scheduler, SchedulerConfig
+from scheduler_steps import chunks, step
 
 
 def request(name: str, prompt_len: int, max_tokens: int = 16) -> Request:
@@ -18,23 +19,6 @@ def request(name: str, prompt_len: int, max_tokens: int = 16) -> Request:
 def scheduler(num_blocks: int = 64, block_size: int = 4, budget: int = 2048, max_num_seqs: int = 128,
               chunked: bool = True) -> Scheduler:
     return Scheduler(SchedulerConfig(max_num_seqs, budget, chunked), BlockPool(num_blocks, block_size))
-
-
-def step(s: Scheduler) -> SchedulerOutput:
-    """One engine step without a model: schedule, compute the chunks, sample a token where a chunk
-    reached its request's end, and finish requests that hit max_tokens."""
-    out = s.schedule()
-    sampling = [c.request for c in out.chunks if c.samples]
-    for c in out.chunks:
-        c.request.num_computed_tokens += c.num_tokens
-    for r in sampling:
-        if r.append_token(7) is not None:
-            s.finish(r)
-    return out
-
-
-def chunks(out: SchedulerOutput) -> list[tuple[str, int]]:
-    return [(c.request.request_id, c.num_tokens) for c in out.chunks]
 
 
 def test_a_step_never_exceeds_the_token_budget_and_every_request_finishes():
