@@ -114,6 +114,9 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.running or any(self._queues.values()))
 
+    def online_waiting(self) -> bool:
+        return self.policy.knows_classes and bool(self._queues[RequestClass.ONLINE])
+
     def online_in_flight(self) -> bool:
         return bool(self._queues[RequestClass.ONLINE]) and self.policy.knows_classes or \
             any(r.online for r in self.running)

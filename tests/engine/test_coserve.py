@@ -196,3 +196,21 @@ def test_a_full_checkpoint_store_falls_back_to_recompute(deep):
         assert engine.checkpointer.store.pool.num_free == 6
     assert [o.token_ids for o in outputs] == [deep.reference_greedy(p, 20) for p in prompts]
     assert stats.checkpoint_store_full >= 1 and stats.recomputed_tokens > 0 and stats.restored_tokens > 0
+
+
+def test_a_parked_step_holding_the_blocks_an_arrival_needs_is_dropped_for_it(deep):
+    """The pool is full of the parked step's own requests: rather than keep the online request waiting
+    for the parked step's remaining layers, the engine drops that step (nothing of it was committed)."""
+    prompts = [prompt_of(n, seed=100 + i) for i, n in enumerate([70, 60, 70])]
+    with deep.engine(num_kv_blocks=28, max_num_batched_tokens=256) as engine:
+        arrivals = ArrivalsAtSafepoints(engine, at_layers=[2])
+        arrivals.prompts = [prompt_of(20, seed=7)]
+        offline = [engine.submit(p, GREEDY, "offline") for p in prompts]
+        while not arrivals.streams:
+            threading.Event().wait(0.01)
+        online = arrivals.streams[0].final()
+        outputs = [s.final() for s in offline]
+        stats = engine.stats()
+    assert stats.discarded_tokens == 200 and stats.layer_yields >= 1 and stats.num_preemptions >= 1
+    assert online.token_ids == deep.reference_greedy(prompt_of(20, seed=7), NEW_TOKENS)
+    assert [o.token_ids for o in outputs] == [deep.reference_greedy(p, NEW_TOKENS) for p in prompts]
