@@ -30,7 +30,9 @@ class EngineConfig:
     slo_tpot_ms: float = 100.0         # online time-per-output-token target: caps the predicted step time
                                        # of steps that carry offline tokens beside online decodes
     offline_max_batched_tokens: int | None = None  # budget of steps with no online work (default: max_num_batched_tokens)
-    preemption_mode: str = "park"      # layer-wise preemption: "park" the hidden state or "discard" the step
+    # Layer-wise preemption: "discard" the stopped step or "park" its hidden state. discard measured better
+    # on 2 cores (bench/coserve.py): parked steps resumed beside new online work delayed its decodes.
+    preemption_mode: str = "discard"
     checkpoint_bytes: int | None = None  # host KV checkpoint store; default: twice the device pool; 0 = off
     online_reserve_fraction: float = 0.1  # share of KV blocks offline admission leaves free for online bursts
     profile_cache_dir: str | Path | None = None  # cached step-latency profiles; default ~/.cache/conserve/profiles

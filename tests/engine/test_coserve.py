@@ -101,7 +101,7 @@ def test_an_online_arrival_stops_an_offline_prefill_at_the_next_safepoint(deep):
     """The step yields at the very safepoint after the arrival: the online request waits at most one
     layer of the offline step, never the rest of it."""
     long_prompt = prompt_of(400, seed=5)
-    with deep.engine(max_num_batched_tokens=512, num_kv_blocks=128) as engine:
+    with deep.engine(max_num_batched_tokens=512, num_kv_blocks=128, preemption_mode="park") as engine:
         arrivals = ArrivalsAtSafepoints(engine, at_layers=[3])
         offline = engine.submit(long_prompt, GREEDY, "offline")
         while not arrivals.streams:
@@ -202,7 +202,7 @@ def test_a_parked_step_holding_the_blocks_an_arrival_needs_is_dropped_for_it(dee
     """The pool is full of the parked step's own requests: rather than keep the online request waiting
     for the parked step's remaining layers, the engine drops that step (nothing of it was committed)."""
     prompts = [prompt_of(n, seed=100 + i) for i, n in enumerate([70, 60, 70])]
-    with deep.engine(num_kv_blocks=28, max_num_batched_tokens=256) as engine:
+    with deep.engine(num_kv_blocks=28, max_num_batched_tokens=256, preemption_mode="park") as engine:
         arrivals = ArrivalsAtSafepoints(engine, at_layers=[2])
         arrivals.prompts = [prompt_of(20, seed=7)]
         offline = [engine.submit(p, GREEDY, "offline") for p in prompts]
