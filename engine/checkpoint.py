@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from engine.kv_cache import BlockPool, KVCache, blocks_for
+from engine.kv_cache import BlockPool, KVCache, blocks_for, slot_numbers
 from engine.request import Request
 
 log = logging.getLogger(__name__)
@@ -54,13 +54,11 @@ class _StepJobs:
 @dataclass
 class CheckpointStats:
     checkpointed_tokens: int = 0   # tokens whose KV reached the store
-    restored_tokens: int = 0       # tokens brought back from the store instead of recomputed
     store_full: int = 0            # requests whose checkpoint stopped growing because the store was full
 
 
 class Checkpointer:
     def __init__(self, kv_cache: KVCache, store: HostKVStore, device: torch.device):
-        self.kv = kv_cache
         self.store = store
         self.block_size = kv_cache.block_size
         self.device = device
@@ -72,12 +70,13 @@ class Checkpointer:
         self._closed = False
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._full: set[str] = set()
+        # (device layer, host layer) for every layer's keys, then values.
+        self._layers = list(zip(kv_cache.keys, store.keys)) + list(zip(kv_cache.values, store.values))
         if self._stream is None:
             # On CPU the copies go through numpy views of the same memory: numpy copies on the calling
             # thread alone, while a torch op here would start an OpenMP team of its own to fight the
             # engine's for the cores (and torch.set_num_threads is process-wide: it halved the engine).
-            pairs = list(zip(kv_cache.keys, store.keys)) + list(zip(kv_cache.values, store.values))
-            self._np_pairs = [(_as_numpy(dev), _as_numpy(host)) for dev, host in pairs]
+            self._np_layers = [(_as_numpy(dev), _as_numpy(host)) for dev, host in self._layers]
         self._thread = threading.Thread(target=self._run, name="conserve-checkpoint", daemon=True)
         self._thread.start()
 
@@ -117,12 +116,10 @@ class Checkpointer:
         """Copy req's first num_tokens tokens from the store into its (new) device blocks."""
         if num_tokens <= 0:
             return
-        dev = torch.tensor(self._slots(req.block_ids, 0, num_tokens), device=self.device)
-        host = torch.tensor(self._slots(req.host_block_ids, 0, num_tokens))
-        for cache, saved in ((self.kv.keys, self.store.keys), (self.kv.values, self.store.values)):
-            for layer, s in zip(cache, saved):
-                layer.index_copy_(1, dev, s.index_select(1, host).to(self.device, non_blocking=True))
-        self.stats.restored_tokens += num_tokens
+        dev = torch.tensor(slot_numbers(req.block_ids, self.block_size, 0, num_tokens), device=self.device)
+        host = torch.tensor(slot_numbers(req.host_block_ids, self.block_size, 0, num_tokens))
+        for layer, saved in self._layers:
+            layer.index_copy_(1, dev, saved.index_select(1, host).to(self.device, non_blocking=True))
 
     def drop(self, req: Request) -> None:
         """req is finished: give its host blocks back."""
@@ -190,30 +187,24 @@ class Checkpointer:
                 self.stats.store_full += 1
             return None
         req.host_block_ids.extend(self.store.pool.allocate(max(0, needed)))
-        return (self._slots(req.block_ids, job.start, job.end),
-                self._slots(req.host_block_ids, job.start, job.end))
+        return (slot_numbers(req.block_ids, self.block_size, job.start, job.end),
+                slot_numbers(req.host_block_ids, self.block_size, job.start, job.end))
 
     def _copy(self, dev_slots: list[int], host_slots: list[int], ready: torch.cuda.Event | None) -> None:
         if self._stream is None:
             dev_idx, host_idx = np.asarray(dev_slots), np.asarray(host_slots)
-            for dev, host in self._np_pairs:
+            for dev, host in self._np_layers:
                 host[:, host_idx] = dev[:, dev_idx]
             return
         host_slots = torch.tensor(host_slots)
         with torch.cuda.stream(self._stream):
             self._stream.wait_event(ready)
             dev_slots = torch.tensor(dev_slots).to(self.device, non_blocking=True)
-            staged = [(s, layer.index_select(1, dev_slots).to("cpu", non_blocking=True))
-                      for cache, saved in ((self.kv.keys, self.store.keys), (self.kv.values, self.store.values))
-                      for layer, s in zip(cache, saved)]
+            staged = [(saved, layer.index_select(1, dev_slots).to("cpu", non_blocking=True))
+                      for layer, saved in self._layers]
             self._stream.synchronize()
         for s, part in staged:
             s.index_copy_(1, host_slots, part)
-
-    def _slots(self, block_ids: list[int], start: int, end: int) -> list[int]:
-        """Slot numbers of tokens [start, end) (plain Python: most copies are a token or a few)."""
-        bs = self.block_size
-        return [block_ids[p // bs] * bs + p % bs for p in range(start, end)]
 
 
 def _as_numpy(t: torch.Tensor) -> np.ndarray:

@@ -18,6 +18,12 @@ def blocks_for(num_tokens: int, block_size: int) -> int:
     return -(-num_tokens // block_size)
 
 
+def slot_numbers(block_ids: list[int], block_size: int, start: int, end: int) -> list[int]:
+    """Cache slots of a sequence's tokens [start, end), given its block table (plain Python: most
+    spans are a token or a few)."""
+    return [block_ids[p // block_size] * block_size + p % block_size for p in range(start, end)]
+
+
 class BlockPool:
     """Free list of block ids. Knows nothing of tensors, so the scheduler can plan with it alone."""
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.attention import AttentionMetadata, PrefillGroup
-from engine.kv_cache import KVCache, blocks_for
+from engine.kv_cache import KVCache, blocks_for, slot_numbers
 from engine.model import LlamaModel, Parked, Safepoint
 from engine.request import Request
 from engine.sampler import sample
@@ -88,7 +88,7 @@ class ModelRunner:
             input_ids.extend(req.token_ids[start:end])
             positions.extend(range(start, end))
             blocks = req.block_ids
-            slots.extend(blocks[p // bs] * bs + p % bs for p in range(start, end))
+            slots.extend(slot_numbers(blocks, bs, start, end))
             if c.samples:
                 logits_indices.append(len(input_ids) - 1)
                 sampling.append(req)

@@ -118,8 +118,7 @@ class Scheduler:
         return self.policy.knows_classes and bool(self._queues[RequestClass.ONLINE])
 
     def online_in_flight(self) -> bool:
-        return bool(self._queues[RequestClass.ONLINE]) and self.policy.knows_classes or \
-            any(r.online for r in self.running)
+        return self.online_waiting() or any(r.online for r in self.running)
 
     # ---- planning a step --------------------------------------------------------------------------
 
