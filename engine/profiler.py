@@ -111,7 +111,7 @@ def profile_shapes(max_tokens: int, max_seqs: int, max_context: int, rng: random
                 rest.append([(p, c)])
     for n in seqs:
         for p in sizes:
-            if n + 1 <= max_seqs and n + p <= max_tokens:
+            if n + 1 <= max_seqs and n + p <= max_tokens and p <= max_context:
                 c = rng.choice([0] + [x for x in contexts if p + x <= max_context])
                 rest.append([(1, rng.randint(0, max_context - 1)) for _ in range(n)] + [(p, c)])
     rng.shuffle(rest)

@@ -176,3 +176,15 @@ def test_a_profile_that_fits_its_samples_badly_is_used_but_not_cached(tmp_path):
     noisy = [([(1, 1)], 1e-3), ([(1, 1)], 3e-3)]  # the same shape measured 3x apart: 33% mean error
     assert load_or_profile(tmp_path, "k", lambda: (model, noisy)) == model
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("max_context", [100, 512, 2048])
+def test_profiled_shapes_never_pass_the_context_when_the_token_budget_is_larger(max_context):
+    # A model whose context (512) is shorter than the step budget (2048) crashed profiling at start:
+    # a prefill chunk beside decodes ran past the last position the model has RoPE tables for.
+    import random
+
+    from engine.profiler import profile_shapes
+
+    shapes = profile_shapes(2048, 64, max_context, random.Random(0))
+    assert max(p + c for step in shapes for p, c in step) <= max_context
