@@ -1,4 +1,5 @@
-"""The `conserve` command line. `conserve chat PROMPT` answers one chat message with the bundled model.
+"""The `conserve` command line. `conserve chat PROMPT` answers one chat message with the bundled model;
+`conserve serve` runs the whole platform (workers/cli_serving.py has it and the other server commands).
 
 stdout carries only the answer, so the command composes in shell pipelines; everything else (loading
 messages, warnings, errors) goes to stderr. Bad input exits with code 2, like argparse's own errors.
@@ -44,6 +45,10 @@ def _build_parser() -> argparse.ArgumentParser:
                       help="a Hugging Face model directory or a .gguf file (default: bundled SmolLM2-135M-Instruct)")
     chat.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: CUDA when present, else CPU)")
     chat.set_defaults(run=_chat)
+
+    from workers.cli_serving import add_commands  # argparse only: the heavy imports wait for the command
+
+    add_commands(commands)
     return parser
 
 

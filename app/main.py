@@ -1,0 +1,76 @@
+"""The gateway application: OpenAI-compatible API in front of the workers, metrics, health."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+
+import httpx
+from fastapi import FastAPI
+from prometheus_client import CollectorRegistry
+
+from app.db import make_engine, make_session_factory
+from app.errors import install_error_handlers
+from app.fleet_metrics import FleetCollector
+from app.request_metrics import RequestMetrics
+from app.routes import completions, health, models
+from app.settings import Settings
+from app.worker_registry import mark_stale_workers
+from app.worker_router import WorkerRouter
+
+log = logging.getLogger("conserve.gateway")
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The gateway on `settings.database_url`, whose schema must be migrated already (`conserve migrate`;
+    `conserve gateway` and `conserve serve` do it on start)."""
+    settings = settings or Settings()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        db = make_engine(settings.database_url)
+        sessions = make_session_factory(db)
+        # Generation streams can run for minutes; only connecting is bounded (a dead worker refuses at once).
+        timeout = httpx.Timeout(connect=settings.worker_connect_timeout_s, read=None, write=30.0, pool=30.0)
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
+        async with httpx.AsyncClient(timeout=timeout, limits=limits) as http:
+            state = app.state
+            state.settings, state.sessions, state.http = settings, sessions, http
+            state.router = WorkerRouter(sessions, settings.worker_stale_after_s, settings.max_inflight_per_worker)
+            state.metrics_registry = registry = CollectorRegistry()
+            state.request_metrics = RequestMetrics(registry)
+            registry.register(FleetCollector(sessions, settings.worker_stale_after_s))
+            state.started = int(time.time())
+            reaper = asyncio.create_task(_mark_stale_forever(sessions, settings.worker_stale_after_s))
+            try:
+                yield
+            finally:
+                reaper.cancel()
+                db.dispose()
+
+    app = FastAPI(title="ConServe", version="0.1.0", lifespan=lifespan,
+                  description="OpenAI-compatible LLM co-serving: online chat beside offline batch jobs.")
+    install_error_handlers(app)
+    app.include_router(completions.router)
+    app.include_router(models.router)
+    app.include_router(health.router)
+    return app
+
+
+async def _mark_stale_forever(sessions, stale_after_s: float) -> None:
+    """Workers that stopped beating (killed, machine gone) are marked offline, so the dashboard and the
+    store say what the router already assumes."""
+    def sweep() -> None:
+        with sessions() as s:
+            gone = mark_stale_workers(s, stale_after_s)
+        for worker_id in gone:
+            log.warning("worker %s stopped sending heartbeats; marked offline", worker_id)
+
+    while True:
+        await asyncio.sleep(max(1.0, stale_after_s / 2))
+        try:
+            await asyncio.to_thread(sweep)
+        except Exception:
+            log.exception("could not mark stale workers")

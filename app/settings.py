@@ -1,0 +1,49 @@
+"""Gateway settings, read once from `CONSERVE_*` environment variables (command-line flags override them)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+def default_data_dir() -> Path:
+    """Where the embedded platform keeps its database and files: $XDG_DATA_HOME/conserve."""
+    base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+    return Path(base) / "conserve"
+
+
+def default_database_url() -> str:
+    return f"sqlite:///{default_data_dir() / 'conserve.db'}"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CONSERVE_", extra="ignore")
+
+    database_url: str = default_database_url()
+    host: str = "127.0.0.1"
+    port: int = 8000
+    # Bearer keys that may call /v1/*; none set means the API is open (the embedded default on loopback).
+    # A comma-separated list in the environment, so NoDecode: pydantic-settings would expect JSON.
+    api_keys: Annotated[list[str], NoDecode] = []
+    admin_key: str | None = None
+    # Shared secret between gateway and workers for the workers' internal endpoints (unset: no check,
+    # fine on one machine; set it wherever workers listen beyond loopback).
+    internal_token: str | None = None
+    # A worker whose last heartbeat is older than this is treated as dead (workers beat every 2 s).
+    worker_stale_after_s: float = 10.0
+    # Online requests one worker may carry at once before the gateway answers 429: past this, a new
+    # request would only wait in the engine's queue and miss its TTFT SLO anyway.
+    max_inflight_per_worker: int = 128
+    worker_connect_timeout_s: float = 5.0
+    # Heartbeat samples older than this are deleted (the dashboard charts the last minutes).
+    sample_retention_s: float = 3600.0
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [k.strip() for k in value.split(",") if k.strip()]
+        return value

@@ -1,0 +1,57 @@
+"""One platform per test module (worker processes take seconds to start): see stack.py."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from app.migrate import migrate
+from app.settings import Settings
+from stack import INTERNAL_TOKEN, GatewayThread, WorkerProcess, save_tiny_chat_model
+
+
+@pytest.fixture(scope="session")
+def chat_model_dir(tmp_path_factory) -> Path:
+    return save_tiny_chat_model(tmp_path_factory.mktemp("tiny-chat"))
+
+
+@pytest.fixture(scope="session")
+def profile_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("profiles")
+
+
+@pytest.fixture(scope="module")
+def database_url(tmp_path_factory) -> str:
+    url = f"sqlite:///{tmp_path_factory.mktemp('store') / 'conserve.db'}"
+    migrate(url)
+    return url
+
+
+def gateway_settings(database_url: str, **overrides) -> Settings:
+    return Settings(database_url=database_url, internal_token=INTERNAL_TOKEN, worker_stale_after_s=3.0,
+                    **overrides)
+
+
+@pytest.fixture(scope="module")
+def start_worker(chat_model_dir, database_url, profile_dir):
+    """start_worker(worker_id, *flags) -> a registered WorkerProcess, stopped at the end of the module."""
+    started: list[WorkerProcess] = []
+
+    def start(worker_id: str, *flags: str) -> WorkerProcess:
+        # A few MB of KV cache: the CPU default (1 GiB, and a host checkpoint store twice that) is sized for
+        # real models, and each worker would zero it all at start.
+        w = WorkerProcess(chat_model_dir, database_url, worker_id, profile_dir, "--kv-cache-bytes", "4000000",
+                          *flags)
+        started.append(w)
+        return w
+
+    yield start
+    for w in started:
+        w.stop()
+
+
+@pytest.fixture(scope="module")
+def gateway(database_url):
+    g = GatewayThread(gateway_settings(database_url)).start()
+    yield g
+    g.stop()

@@ -1,0 +1,33 @@
+"""Worker settings, from `CONSERVE_*` environment variables (command-line flags override them). The database
+URL and internal token are the gateway's own settings: both sides must agree on them."""
+from __future__ import annotations
+
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from app.settings import default_database_url
+
+
+class WorkerSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CONSERVE_", extra="ignore")
+
+    database_url: str = default_database_url()
+    internal_token: str | None = None
+    worker_id: str | None = None          # default: <hostname>-<device>-<port>
+    worker_host: str = "127.0.0.1"        # interface the internal endpoint listens on
+    worker_port: int = 0                  # 0: any free port
+    worker_url: str | None = None         # how the gateway reaches this worker (default http://host:port)
+    heartbeat_interval_s: float = 2.0
+    sample_retention_s: float = 3600.0
+    # The engine (engine/config.py documents each).
+    model: str | None = None              # HF directory or .gguf file; None: the bundled SmolLM2-135M-Instruct
+    served_model_name: str | None = None  # the name clients ask for (default: the model's own name)
+    device: str | None = None             # cpu, cuda, cuda:N (default: CUDA when present)
+    dtype: str = "bfloat16"
+    policy: str = "conserve"
+    slo_ttft_ms: float = 1000.0
+    slo_tpot_ms: float = 100.0
+    kv_cache_bytes: int | None = None
+    max_num_seqs: int = 128
+    max_model_len: int | None = None
+    profile_seconds: float = 5.0          # step-latency profiling at first start (then cached per model/device)
+    profile_cache_dir: str | None = None  # default ~/.cache/conserve/profiles
