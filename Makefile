@@ -1,5 +1,5 @@
-# Every target installs what it needs first, so on a fresh machine with Python 3.11 `make run` and
-# `make test` are the only two commands anyone has to type.
+# Every target installs what it needs first, so on a fresh machine with Python 3.11 `make run` (the whole
+# platform: `conserve serve`) and `make test` are the only two commands anyone has to type.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -10,9 +10,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 PACKAGE_INITS := $(wildcard app/__init__.py engine/__init__.py workers/__init__.py)
 
-PROMPT ?= What is the capital of France?
-# Passed through the environment rather than pasted into the recipe, so quotes in it are harmless.
-export PROMPT
+SERVE_ARGS ?=
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 COSERVE_ARGS ?=
@@ -32,7 +30,7 @@ $(STAMP): pyproject.toml $(PACKAGE_INITS)
 	touch $@
 
 run: install
-	$(VENV)/bin/conserve chat "$$PROMPT"
+	$(VENV)/bin/conserve serve $(SERVE_ARGS)
 
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -19,8 +19,6 @@ from app.worker_client import WorkerLost, WorkerStream, open_generation
 
 log = logging.getLogger(__name__)
 Kind = Literal["chat", "text"]
-# How often a non-streaming request checks whether its client is still there.
-DISCONNECT_POLL_S = 0.5
 
 
 async def generate(request: Request, body: ChatCompletionRequest | CompletionRequest, kind: Kind) -> Response:
@@ -52,6 +50,7 @@ async def _complete(stream: WorkerStream, body, kind: Kind, completion_id: str, 
                     return JSONResponse(build(completion_id, body.model, created, "".join(parts),
                                               event["finish_reason"], usage))
         except WorkerLost as exc:
+            timer.finished("abort", 0)
             log.warning("request %s: %s", completion_id, exc)
             raise upstream_error(f"the worker serving this request failed ({exc}); retry the request",
                                  status_code=503) from exc
@@ -59,20 +58,25 @@ async def _complete(stream: WorkerStream, body, kind: Kind, completion_id: str, 
 
 
 async def _until_done_or_gone(request: Request, work) -> Response:
-    """Run a non-streaming request, abandoning it (which aborts it on the worker) if the client disconnects:
-    nobody would read the answer, and its engine slot is better spent on someone who will."""
+    """Run a non-streaming request, abandoning it (which aborts it on the worker) as soon as the client
+    disconnects: nobody would read the answer, and its engine slot is better spent on someone who will."""
     task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnected(request))
     try:
-        while True:
-            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
-            if done:
-                return task.result()
-            if await request.is_disconnected():
-                task.cancel()
-                return Response(status_code=499)  # nginx's "client closed request"; nobody receives it
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            return task.result()
+        return Response(status_code=499)  # nginx's "client closed request"; nobody receives it
     finally:
-        if not task.done():
-            task.cancel()
+        for t in (task, gone):
+            if not t.done():
+                t.cancel()
+
+
+async def _disconnected(request: Request) -> None:
+    # The body has been read, so the next ASGI message can only be the disconnect.
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 async def _sse(stream: WorkerStream, body, kind: Kind, completion_id: str, created: int,
@@ -109,6 +113,9 @@ async def _sse(stream: WorkerStream, body, kind: Kind, completion_id: str, creat
             log.warning("stream %s: %s", completion_id, exc)
             yield _data(error_body(f"the worker serving this request failed ({exc}); retry the request",
                                    SERVER_ERROR, code="worker_lost"))
+        finally:
+            if not timer.done:  # the client left, or the worker failed: not a success of any kind
+                timer.finished("abort", 0)
 
 
 def _data(obj: dict[str, Any]) -> str:

@@ -83,6 +83,10 @@ class RequestTimer:
         self._m.success.labels(*self._labels, reason).inc()
 
     @property
+    def done(self) -> bool:
+        return self._done
+
+    @property
     def time_to_first_token(self) -> float | None:
         return None if self.first_token is None else self.first_token - self.start
 

@@ -10,15 +10,17 @@ import subprocess
 import sys
 import threading
 import time
+from datetime import datetime
 from typing import Any
 
 import uvicorn
 
-from app.db import make_engine, make_session_factory
+from app.db import make_engine, make_session_factory, utcnow
 from app.main import create_app
 from app.migrate import migrate
 from app.settings import Settings
 from app.worker_registry import alive_workers
+from workers.shutdown import exit_cleanly_on_sigterm
 
 log = logging.getLogger("conserve.serve")
 BAD_INPUT_EXIT = 2
@@ -38,8 +40,10 @@ def serve(gateway_overrides: dict[str, Any], engine_overrides: dict[str, Any]) -
     server = uvicorn.Server(uvicorn.Config(create_app(settings), host=settings.host, port=settings.port,
                                            log_level="warning"))
     worker.on_fatal = lambda: setattr(server, "should_exit", True)
+    exit_cleanly_on_sigterm()
+    launched = utcnow()
     worker.start()
-    threading.Thread(target=_announce_when_ready, args=(settings, worker), daemon=True).start()
+    threading.Thread(target=_announce_when_ready, args=(settings, worker, launched), daemon=True).start()
     try:
         server.run()
     finally:
@@ -54,14 +58,16 @@ def _worker_command(engine_overrides: dict[str, Any]) -> list[str]:
     return cmd
 
 
-def _announce_when_ready(settings: Settings, worker: "WorkerSupervisor") -> None:
-    """Print the URL once a worker has registered: only then does the API answer chats."""
+def _announce_when_ready(settings: Settings, worker: "WorkerSupervisor", launched: datetime) -> None:
+    """Print the URL once our worker has registered: only then does the API answer chats. (A row left
+    'online' by a worker that crashed moments ago must not count.)"""
     db = make_engine(settings.database_url)
     sessions = make_session_factory(db)
     try:
         while not worker.stopping:
             with sessions() as s:
-                workers = alive_workers(s, stale_after_s=settings.worker_stale_after_s)
+                workers = [w for w in alive_workers(s, stale_after_s=settings.worker_stale_after_s)
+                           if w.started_at >= launched]
             if workers:
                 url = f"http://{settings.host}:{settings.port}"
                 print(f"ConServe is serving {', '.join(sorted({w.model for w in workers}))} at {url} "

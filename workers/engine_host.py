@@ -51,16 +51,23 @@ class EngineHost:
         """The request's outputs as wire events; aborts the request in the engine if the consumer stops early
         (the client went away)."""
         timer = self.metrics.timer(self.model_name, request_class)
+        prompt_tokens = 0
         try:
             async for out in stream:
                 timer.tokens_arrived(len(out.new_token_ids))
+                prompt_tokens = out.num_prompt_tokens
                 if out.finished:
                     self._finished(out, timer, request_class)
                 yield wire_event(out)
         except Exception as exc:  # the engine failed this request: tell the consumer, don't drop the stream
+            timer.finished("error", prompt_tokens)
             yield {"error": str(exc) or type(exc).__name__, "finished": True}
         finally:
-            stream.cancel()  # no-op once the request finished
+            if not timer.done:
+                # The consumer left first: stop the request and count it as aborted (the engine's own
+                # final output goes unread).
+                stream.cancel()
+                timer.finished("abort", prompt_tokens)
 
     def _finished(self, out: RequestOutput, timer: Any, request_class: str) -> None:
         queued = out.metrics.queued if out.metrics else None

@@ -11,6 +11,7 @@ import uvicorn
 from app.db import make_engine, make_session_factory
 from workers.heartbeat import Heartbeat, WorkerIdentity
 from workers.settings import WorkerSettings
+from workers.shutdown import exit_cleanly_on_sigterm
 
 log = logging.getLogger("conserve.worker")
 
@@ -50,6 +51,7 @@ def run_worker(settings: WorkerSettings, on_ready=None) -> None:
 
     app = create_worker_app(host, settings.internal_token)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5))
+    exit_cleanly_on_sigterm()
     try:
         heartbeat.start()
         log.info("worker %s serving %s on %s (%s, policy %s)", identity.worker_id, identity.model, url, device,

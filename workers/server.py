@@ -41,7 +41,7 @@ def create_worker_app(host: EngineHost, internal_token: str | None = None) -> Fa
             if not isinstance(params, dict):
                 raise InvalidRequestError("params must be an object")
             stream = host.submit(prompt, params, request_class, body.get("request_id"))
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:  # not UTF-8: not JSON
             return _error(400, f"malformed internal request: {exc}", "invalid_request_error")
         except InvalidRequestError as exc:
             return _error(400, str(exc), "invalid_request_error")

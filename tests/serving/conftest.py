@@ -6,8 +6,7 @@ from pathlib import Path
 import pytest
 
 from app.migrate import migrate
-from app.settings import Settings
-from stack import INTERNAL_TOKEN, GatewayThread, WorkerProcess, save_tiny_chat_model
+from stack import GatewayThread, WorkerProcess, gateway_settings, save_tiny_chat_model
 
 
 @pytest.fixture(scope="session")
@@ -25,11 +24,6 @@ def database_url(tmp_path_factory) -> str:
     url = f"sqlite:///{tmp_path_factory.mktemp('store') / 'conserve.db'}"
     migrate(url)
     return url
-
-
-def gateway_settings(database_url: str, **overrides) -> Settings:
-    return Settings(database_url=database_url, internal_token=INTERNAL_TOKEN, worker_stale_after_s=3.0,
-                    **overrides)
 
 
 @pytest.fixture(scope="module")

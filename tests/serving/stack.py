@@ -53,6 +53,12 @@ def save_tiny_chat_model(path: Path) -> Path:
     return path
 
 
+def gateway_settings(database_url: str, **overrides) -> Settings:
+    """Gateway settings for tests: workers count as dead after 3 s of silence (they beat every 0.5 s here)."""
+    return Settings(database_url=database_url, internal_token=INTERNAL_TOKEN, worker_stale_after_s=3.0,
+                    **overrides)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -1,0 +1,51 @@
+"""With CONSERVE_API_KEYS set, /v1/* needs one of the keys as a Bearer token; /health and /metrics stay open."""
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+
+from stack import MODEL_NAME, GatewayThread, gateway_settings
+
+
+@pytest.fixture(scope="module")
+def keyed_gateway(database_url, start_worker):
+    start_worker("w-keys").wait_registered()
+    g = GatewayThread(gateway_settings(database_url, api_keys=["key-one", "key-two"])).start()
+    g.wait_for_workers(1)
+    yield g
+    g.stop()
+
+
+def test_api_keys_come_from_a_comma_separated_environment_variable(monkeypatch):
+    from app.settings import Settings
+
+    monkeypatch.setenv("CONSERVE_API_KEYS", "alpha, beta,,")
+    assert Settings().api_keys == ["alpha", "beta"]
+
+
+@pytest.mark.parametrize("headers", [{}, {"authorization": "Bearer wrong"}, {"authorization": "key-one"},
+                                     {"authorization": "Basic a2V5LW9uZQ=="}])
+def test_missing_or_wrong_key_is_401(keyed_gateway, headers):
+    resp = httpx.get(f"{keyed_gateway.url}/v1/models", headers=headers)
+    assert resp.status_code == 401
+    assert resp.json()["error"]["code"] == "invalid_api_key"
+
+
+def test_sdk_with_a_wrong_key_gets_authentication_error(keyed_gateway):
+    client = openai.OpenAI(base_url=f"{keyed_gateway.url}/v1", api_key="nope", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        client.chat.completions.create(model=MODEL_NAME, messages=[{"role": "user", "content": "hello"}])
+
+
+@pytest.mark.parametrize("key", ["key-one", "key-two"])
+def test_each_configured_key_is_accepted(keyed_gateway, key):
+    client = openai.OpenAI(base_url=f"{keyed_gateway.url}/v1", api_key=key, max_retries=0)
+    resp = client.chat.completions.create(model=MODEL_NAME, messages=[{"role": "user", "content": "hello"}],
+                                          max_tokens=2)
+    assert resp.usage.completion_tokens >= 1
+
+
+def test_health_and_metrics_need_no_key(keyed_gateway):
+    assert httpx.get(f"{keyed_gateway.url}/health").status_code == 200
+    assert httpx.get(f"{keyed_gateway.url}/metrics").status_code == 200
