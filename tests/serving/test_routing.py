@@ -9,7 +9,7 @@ import httpx
 import openai
 import pytest
 
-from stack import MODEL_NAME
+from stack import MODEL_NAME, GatewayThread, gateway_settings
 
 
 @pytest.fixture(scope="module")
@@ -111,3 +111,28 @@ def test_metrics_expose_request_histograms_and_worker_gauges(gateway, two_worker
     worker_text = httpx.get(f"{two_workers[0].url}/metrics").text
     assert 'vllm:num_requests_waiting{model_name="tiny-chat",request_class="offline"}' in worker_text
     assert "conserve:checkpointed_tokens_total" in worker_text
+
+
+def test_requests_beyond_every_workers_capacity_get_429_at_once(database_url, two_workers):
+    g = GatewayThread(gateway_settings(database_url, max_inflight_per_worker=1)).start()
+    try:
+        g.wait_for_workers(2)
+        body = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "hello"}], "max_tokens": 480,
+                "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", f"{g.url}/v1/chat/completions", json=body, timeout=30) as first, \
+                httpx.stream("POST", f"{g.url}/v1/chat/completions", json=body, timeout=30) as second:
+            assert first.status_code == second.status_code == 200
+            started = time.monotonic()
+            third = httpx.post(f"{g.url}/v1/chat/completions", json=body | {"stream": False}, timeout=30)
+            assert time.monotonic() - started < 2
+            assert third.status_code == 429
+            assert third.json()["error"]["type"] == "server_error" and third.headers["retry-after"] == "1"
+        # Slots free up as the streams close.
+        deadline = time.monotonic() + 5
+        while (resp := httpx.post(f"{g.url}/v1/chat/completions", json=body | {"stream": False, "max_tokens": 2},
+                                  timeout=30)).status_code == 429:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert resp.status_code == 200
+    finally:
+        g.stop()
