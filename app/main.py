@@ -15,7 +15,11 @@ from app.db import make_engine, make_session_factory
 from app.errors import install_error_handlers
 from app.fleet_metrics import FleetCollector
 from app.request_metrics import RequestMetrics
-from app.routes import completions, health, models
+from app.batch_maintenance import BatchMaintenance
+from app.batch_pipeline import BatchPipeline
+from app.dispatch import make_celery
+from app.file_storage import FileStorage
+from app.routes import batches, completions, files, health, models
 from app.settings import Settings
 from app.worker_registry import mark_stale_workers
 from app.worker_router import WorkerRouter
@@ -43,11 +47,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             state.request_metrics = RequestMetrics(registry)
             registry.register(FleetCollector(sessions, settings.worker_stale_after_s))
             state.started = int(time.time())
-            reaper = asyncio.create_task(_mark_stale_forever(sessions, settings.worker_stale_after_s))
+            state.storage = FileStorage(settings.files_dir)
+            celery = make_celery(settings.broker_url, settings.broker_visibility_timeout_s)
+            state.pipeline = BatchPipeline(settings, sessions, state.storage, celery)
+            maintenance = BatchMaintenance(settings, sessions, state.storage, celery, state.pipeline)
+            background = [asyncio.create_task(_mark_stale_forever(sessions, settings.worker_stale_after_s)),
+                          asyncio.create_task(maintenance.run_forever())]
             try:
                 yield
             finally:
-                reaper.cancel()
+                for task in background:
+                    task.cancel()
+                await asyncio.gather(*background, return_exceptions=True)
                 db.dispose()
 
     app = FastAPI(title="ConServe", version="0.1.0", lifespan=lifespan,
@@ -55,6 +66,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.include_router(completions.router)
     app.include_router(models.router)
+    app.include_router(files.router)
+    app.include_router(batches.router)
     app.include_router(health.router)
     return app
 

@@ -146,9 +146,10 @@ class Engine:
     # ---- public API -------------------------------------------------------------------------
 
     def submit(self, prompt: Prompt, params: SamplingParams | None = None, request_class: str = "online",
-               request_id: str | None = None) -> RequestStream:
+               request_id: str | None = None, deadline: float | None = None) -> RequestStream:
         """Queue a request; returns its output stream (async-iterable inside an event loop, iterable
-        from a thread). Raises InvalidRequestError for bad input; other requests are unaffected."""
+        from a thread). Raises InvalidRequestError for bad input; other requests are unaffected.
+        `deadline` (wall-clock seconds, time.time()) orders waiting offline requests earliest first."""
         params = params or SamplingParams()
         params.validate()
         try:
@@ -160,6 +161,7 @@ class Engine:
         prompt_ids = self._prompt_token_ids(prompt)
         request_id = request_id or f"req-{next(self._ids)}"
         req = Request(request_id, prompt_ids, params, klass, self.eos_token_ids, self.max_model_len)
+        req.deadline = deadline
         detok = None
         if self.tokenizer is not None:
             detok = IncrementalDetokenizer(self.tokenizer, prompt_ids, stop=params.stop,

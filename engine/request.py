@@ -53,6 +53,8 @@ class Request:
         # free is thrown away instead of storing keys and values of blocks that changed hands.
         self.kv_generation = 0
         self.times = RequestTimes()
+        # Wall-clock time (time.time()) by which an offline request should be done, if its job has one.
+        self.deadline: float | None = None
         self.max_total_tokens = min(max_model_len, self.num_prompt_tokens + params.max_tokens)
         self.stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else eos_token_ids)
         self.generator: torch.Generator | None = None

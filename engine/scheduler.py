@@ -109,7 +109,17 @@ class Scheduler:
         return self._queues[req.request_class if self.policy.knows_classes else RequestClass.ONLINE]
 
     def add(self, request: Request) -> None:
-        self._queue(request).append(request)
+        queue = self._queue(request)
+        if request.deadline is None or queue is self._queues[RequestClass.ONLINE]:
+            queue.append(request)
+            return
+        # Offline work with a deadline (a batch's completion window) waits in earliest-deadline-first
+        # order, so a job that risks missing its window overtakes those with time to spare. Requests
+        # without one keep arrival order behind them.
+        i = len(queue)
+        while i > 0 and (queue[i - 1].deadline is None or queue[i - 1].deadline > request.deadline):
+            i -= 1
+        queue.insert(i, request)
 
     def has_work(self) -> bool:
         return bool(self.running or any(self._queues.values()))

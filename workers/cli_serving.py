@@ -29,6 +29,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     gateway.set_defaults(run=_gateway)
 
     serve = commands.add_parser("serve", help="run the whole platform on this machine: gateway and one worker")
+    serve.add_argument("--data-dir", help="where the store, files and broker live (default ~/.local/share/conserve)")
     _database_flag(serve)
     _listen_flags(serve)
     _engine_flags(serve)
@@ -98,7 +99,7 @@ def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from workers.embedded import serve
 
     _logging()
-    return serve(_given(args, ("database_url", "host", "port")), _given(args, ENGINE_FLAGS))
+    return serve(_given(args, ("data_dir", "database_url", "host", "port")), _given(args, ENGINE_FLAGS))
 
 
 def _migrate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:

@@ -1,6 +1,7 @@
 """`conserve serve`: the whole platform on one machine with no external server. The gateway runs in this
 process; one worker runs as a child process (its engine thread would otherwise compete with the gateway for
-the GIL), restarted if it crashes. Both share a SQLite store and a private internal token."""
+the GIL), restarted if it crashes; a private redis-server is the broker (workers/embedded_broker.py). They
+share a SQLite store and a private internal token."""
 from __future__ import annotations
 
 import logging
@@ -20,6 +21,8 @@ from app.main import create_app
 from app.migrate import migrate
 from app.settings import Settings
 from app.worker_registry import alive_workers
+from workers.child_process import popen_tied_to_parent
+from workers.embedded_broker import EmbeddedRedis
 from workers.shutdown import exit_cleanly_on_sigterm
 
 log = logging.getLogger("conserve.serve")
@@ -29,14 +32,20 @@ MAX_RESTARTS = 5
 
 def serve(gateway_overrides: dict[str, Any], engine_overrides: dict[str, Any]) -> int:
     settings = Settings(**gateway_overrides)
-    settings = settings.model_copy(update={"internal_token": settings.internal_token or secrets.token_urlsafe(24)})
+    broker = EmbeddedRedis(settings.data_dir).start()
+    settings = settings.model_copy(update={"internal_token": settings.internal_token or secrets.token_urlsafe(24),
+                                           "broker_url": broker.url})
     migrate(settings.database_url)
     # float32 unless asked otherwise: the embedded default is where people first try the bundled model, and
     # bfloat16's rounding flips near-tied tokens of a model this small (it names the wrong capital of France).
     engine_overrides = {"dtype": "float32"} | engine_overrides
     worker = WorkerSupervisor(_worker_command(engine_overrides),
                               os.environ | {"CONSERVE_DATABASE_URL": settings.database_url,
-                                            "CONSERVE_INTERNAL_TOKEN": settings.internal_token})
+                                            "CONSERVE_INTERNAL_TOKEN": settings.internal_token,
+                                            "CONSERVE_BROKER_URL": settings.broker_url,
+                                            "CONSERVE_SHARD_LEASE_S": str(settings.shard_lease_s),
+                                            "CONSERVE_BROKER_VISIBILITY_TIMEOUT_S":
+                                                str(settings.broker_visibility_timeout_s)})
     server = uvicorn.Server(uvicorn.Config(create_app(settings), host=settings.host, port=settings.port,
                                            log_level="warning"))
     worker.on_fatal = lambda: setattr(server, "should_exit", True)
@@ -48,6 +57,7 @@ def serve(gateway_overrides: dict[str, Any], engine_overrides: dict[str, Any]) -
         server.run()
     finally:
         worker.stop()
+        broker.stop()
     return worker.fatal_code or 0
 
 
@@ -91,7 +101,7 @@ class WorkerSupervisor:
         self._thread = threading.Thread(target=self._watch, name="conserve-worker-supervisor", daemon=True)
 
     def start(self) -> None:
-        self.process = subprocess.Popen(self.command, env=self.env)
+        self.process = popen_tied_to_parent(self.command, env=self.env)
         self._thread.start()
 
     def _watch(self) -> None:
@@ -108,7 +118,7 @@ class WorkerSupervisor:
             restarts += 1
             log.error("the worker exited with code %s; restarting it (%d/%d)", code, restarts, MAX_RESTARTS)
             time.sleep(1.0)
-            self.process = subprocess.Popen(self.command, env=self.env)
+            self.process = popen_tied_to_parent(self.command, env=self.env)
 
     def stop(self) -> None:
         self.stopping = True

@@ -36,8 +36,11 @@ class EngineHost:
     def max_model_len(self) -> int:
         return self.engine.max_model_len
 
+    def offline_waiting(self) -> int:
+        return self.engine.stats().num_waiting["offline"]
+
     def submit(self, prompt: Any, params: dict[str, Any], request_class: str,
-               request_id: str | None = None) -> RequestStream:
+               request_id: str | None = None, deadline: float | None = None) -> RequestStream:
         """Queue a request; InvalidRequestError (bad prompt or parameters) is raised here, before any output."""
         params = dict(params)
         if params.get("max_tokens") is None:
@@ -45,7 +48,7 @@ class EngineHost:
             params["max_tokens"] = self.engine.max_model_len
         sampling = SamplingParams.from_dict(params)
         request_id = request_id or f"{self._prefix}-{next(self._ids)}"
-        return self.engine.submit(prompt, sampling, request_class, request_id=request_id)
+        return self.engine.submit(prompt, sampling, request_class, request_id=request_id, deadline=deadline)
 
     async def events(self, stream: RequestStream, request_class: str) -> AsyncIterator[dict[str, Any]]:
         """The request's outputs as wire events; aborts the request in the engine if the consumer stops early

@@ -49,6 +49,10 @@ def run_worker(settings: WorkerSettings, on_ready=None) -> None:
     heartbeat = Heartbeat(make_session_factory(db), identity, host.sample, settings.heartbeat_interval_s,
                           settings.sample_retention_s)
 
+    consumer = None
+    if engine.policy.accepts_offline:
+        consumer = _offline_consumer(settings, host, make_session_factory(db), identity.worker_id)
+
     app = create_worker_app(host, settings.internal_token)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5))
     exit_cleanly_on_sigterm()
@@ -56,13 +60,28 @@ def run_worker(settings: WorkerSettings, on_ready=None) -> None:
         heartbeat.start()
         log.info("worker %s serving %s on %s (%s, policy %s)", identity.worker_id, identity.model, url, device,
                  identity.policy)
+        if consumer is not None:
+            consumer.start()
         if on_ready is not None:
             on_ready(identity)
         asyncio.run(server.serve(sockets=[sock]))
     finally:
+        if consumer is not None:
+            consumer.stop()
         heartbeat.stop()
         engine.shutdown()
         db.dispose()
+
+
+def _offline_consumer(settings: WorkerSettings, host, sessions, worker_id: str):
+    from app.dispatch import make_celery, send_shard
+    from workers.offline_consumer import OfflineConsumer
+    from workers.shard_runner import ShardRunner
+
+    celery = make_celery(settings.broker_url, settings.broker_visibility_timeout_s)
+    runner = ShardRunner(host, sessions, worker_id, lambda b, s, m: send_shard(celery, b, s, m),
+                         lease_s=settings.shard_lease_s, max_shard_s=settings.broker_visibility_timeout_s / 4)
+    return OfflineConsumer(celery, runner, host.model_name, worker_id, settings.offline_slots)
 
 
 def _url_host(host: str) -> str:

@@ -17,6 +17,13 @@ class WorkerSettings(BaseSettings):
     worker_port: int = 0                  # 0: any free port
     worker_url: str | None = None         # how the gateway reaches this worker (default http://host:port)
     heartbeat_interval_s: float = 2.0
+    # Offline jobs: the Celery broker, how many shards this worker runs at once, the shard lease in the job
+    # store (renewed every third of it; a dead worker's shards are re-sent once it lapses) and the broker's
+    # visibility timeout (a shard is handed back after a quarter of it). The gateway must use the same.
+    broker_url: str = "redis://127.0.0.1:6379/0"
+    offline_slots: int = 2
+    shard_lease_s: float = 30.0
+    broker_visibility_timeout_s: float = 3600.0
     sample_retention_s: float = 3600.0
     # The engine (engine/config.py documents each).
     model: str | None = None              # HF directory or .gguf file; None: the bundled SmolLM2-135M-Instruct

@@ -13,6 +13,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import delete, event, inspect, select, text
 from sqlalchemy.orm import Session
 
@@ -34,7 +35,7 @@ from app.worker_registry import (
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 T0 = dt.datetime(2026, 1, 1, 12, 0, 0, tzinfo=dt.timezone.utc)
-STORE_TABLES = {"workers", "worker_samples"}
+STORE_TABLES = {"workers", "worker_samples", "files", "batches", "batch_requests", "batch_shards"}
 
 
 def sec(s: float) -> dt.timedelta:
@@ -78,7 +79,8 @@ def test_migrate_creates_the_tables_on_an_empty_database_and_is_idempotent(datab
     migrate(database_url)  # already at head: nothing to do, nothing fails
     engine = make_engine(database_url)
     with engine.connect() as conn:
-        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalars().all() == ["0001"]
+        head = ScriptDirectory.from_config(alembic_config(database_url)).get_current_head()
+        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalars().all() == [head]
     engine.dispose()
 
 

@@ -124,3 +124,14 @@ def test_conserve_evicts_the_offline_request_that_loses_least_and_resumes_it_fro
         if "a" in dict(chunks(out)):
             break
     assert out.restored_tokens == 16 and ("a", 1) in chunks(out)
+
+
+def test_offline_requests_with_deadlines_wait_earliest_deadline_first():
+    s = scheduler("conserve", budget=8)
+    for name, deadline in [("late", 300.0), ("none", None), ("soon", 100.0), ("middle", 200.0), ("soon2", 100.0)]:
+        r = request(name, 8, "offline")
+        r.deadline = deadline
+        s.add(r)
+    # One 8-token prompt fits a step: admission order is the queue order.
+    assert [r.request_id for r in s.waiting] == ["soon", "soon2", "middle", "late", "none"]
+    assert chunks(step(s)) == [("soon", 8)]

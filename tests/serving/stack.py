@@ -54,9 +54,10 @@ def save_tiny_chat_model(path: Path) -> Path:
 
 
 def gateway_settings(database_url: str, **overrides) -> Settings:
-    """Gateway settings for tests: workers count as dead after 3 s of silence (they beat every 0.5 s here)."""
-    return Settings(database_url=database_url, internal_token=INTERNAL_TOKEN, worker_stale_after_s=3.0,
-                    **overrides)
+    """Gateway settings for tests: workers count as dead after 3 s of silence (they beat every 0.5 s here),
+    shard leases lapse after 3 s (workers renew every second)."""
+    return Settings(**{"database_url": database_url, "internal_token": INTERNAL_TOKEN, "worker_stale_after_s": 3.0,
+                       "shard_lease_s": 3.0, "batch_maintenance_interval_s": 0.2} | overrides)
 
 
 def free_port() -> int:
@@ -68,13 +69,15 @@ def free_port() -> int:
 class WorkerProcess:
     """`conserve worker` as a child process; ready once it has registered in the store."""
 
-    def __init__(self, model_dir: Path, database_url: str, worker_id: str, profile_dir: Path, *extra: str):
+    def __init__(self, model_dir: Path, database_url: str, worker_id: str, profile_dir: Path, *extra: str,
+                 broker_url: str = "redis://127.0.0.1:6379/0"):
         cmd = [sys.executable, "-m", "workers.cli", "worker", "--model", str(model_dir), "--served-model-name",
                MODEL_NAME, "--device", "cpu", "--dtype", "float32", "--database-url", database_url,
                "--worker-id", worker_id, *extra]
         env = os.environ | {"CONSERVE_INTERNAL_TOKEN": INTERNAL_TOKEN, "CONSERVE_PROFILE_SECONDS": "1",
                             "CONSERVE_PROFILE_CACHE_DIR": str(profile_dir), "CONSERVE_HEARTBEAT_INTERVAL_S": "0.5",
-                            "OMP_NUM_THREADS": "1"}
+                            "OMP_NUM_THREADS": "1", "CONSERVE_BROKER_URL": broker_url,
+                            "CONSERVE_SHARD_LEASE_S": "3"}
         self.worker_id = worker_id
         self.database_url = database_url
         self.process = subprocess.Popen(cmd, env=env, cwd=REPO)

@@ -9,9 +9,10 @@ from stack import MODEL_NAME, GatewayThread, gateway_settings
 
 
 @pytest.fixture(scope="module")
-def keyed_gateway(database_url, start_worker):
+def keyed_gateway(database_url, broker_url, files_dir, start_worker):
     start_worker("w-keys").wait_registered()
-    g = GatewayThread(gateway_settings(database_url, api_keys=["key-one", "key-two"])).start()
+    g = GatewayThread(gateway_settings(database_url, broker_url=broker_url, files_dir=files_dir,
+                                       api_keys=["key-one", "key-two"])).start()
     g.wait_for_workers(1)
     yield g
     g.stop()

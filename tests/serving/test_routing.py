@@ -113,8 +113,9 @@ def test_metrics_expose_request_histograms_and_worker_gauges(gateway, two_worker
     assert "conserve:checkpointed_tokens_total" in worker_text
 
 
-def test_requests_beyond_every_workers_capacity_get_429_at_once(database_url, two_workers):
-    g = GatewayThread(gateway_settings(database_url, max_inflight_per_worker=1)).start()
+def test_requests_beyond_every_workers_capacity_get_429_at_once(database_url, broker_url, files_dir, two_workers):
+    g = GatewayThread(gateway_settings(database_url, broker_url=broker_url, files_dir=files_dir,
+                                       max_inflight_per_worker=1)).start()
     try:
         g.wait_for_workers(2)
         body = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "hello"}], "max_tokens": 480,
