@@ -50,7 +50,7 @@ class Settings(BaseSettings):
     shard_size: int = 32                   # requests per Celery task
     # A worker renews its shard's lease every third of this; a lapsed lease (the worker died) is re-sent.
     shard_lease_s: float = 30.0
-    broker_visibility_timeout_s: float = 3600.0
+    broker_visibility_timeout_s: float = 600.0
     batch_maintenance_interval_s: float = 1.0  # how often the gateway finalises, expires and re-sends
 
     @model_validator(mode="after")

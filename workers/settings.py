@@ -23,7 +23,7 @@ class WorkerSettings(BaseSettings):
     broker_url: str = "redis://127.0.0.1:6379/0"
     offline_slots: int = 2
     shard_lease_s: float = 30.0
-    broker_visibility_timeout_s: float = 3600.0
+    broker_visibility_timeout_s: float = 600.0
     sample_retention_s: float = 3600.0
     # The engine (engine/config.py documents each).
     model: str | None = None              # HF directory or .gguf file; None: the bundled SmolLM2-135M-Instruct

@@ -6,23 +6,26 @@ import re
 import signal
 import subprocess
 import sys
+import time
 
 import openai
 import pytest
 
 from app.db import make_engine, make_session_factory
 from app.models import Worker
+from batch_files import chat_line, read_jsonl, write_jsonl
 from stack import MODEL_NAME, REPO, free_port
 
 
 @pytest.fixture
 def served(chat_model_dir, profile_dir, tmp_path):
     port = free_port()
-    database_url = f"sqlite:///{tmp_path / 'store' / 'conserve.db'}"  # a directory serve must create
+    data_dir = tmp_path / "data"  # a directory serve must create: store, files and broker live there
+    database_url = f"sqlite:///{data_dir / 'conserve.db'}"
     env = os.environ | {"CONSERVE_PROFILE_SECONDS": "1", "CONSERVE_PROFILE_CACHE_DIR": str(profile_dir)}
     proc = subprocess.Popen(
         [sys.executable, "-m", "workers.cli", "serve", "--model", str(chat_model_dir), "--served-model-name",
-         MODEL_NAME, "--port", str(port), "--database-url", database_url, "--kv-cache-bytes", "4000000"],
+         MODEL_NAME, "--port", str(port), "--data-dir", str(data_dir), "--kv-cache-bytes", "4000000"],
         cwd=REPO, env=env, stdout=subprocess.PIPE, text=True)
     try:
         yield proc, database_url
@@ -32,7 +35,7 @@ def served(chat_model_dir, profile_dir, tmp_path):
             proc.wait()
 
 
-def test_serve_prints_its_url_answers_chats_and_shuts_down_cleanly(served):
+def test_serve_prints_its_url_answers_chats_runs_batches_and_shuts_down_cleanly(served, tmp_path):
     proc, database_url = served
     line = proc.stdout.readline()  # the URL line comes once the worker has registered
     match = re.search(r"(http://127\.0\.0\.1:\d+)/v1", line)
@@ -42,6 +45,21 @@ def test_serve_prints_its_url_answers_chats_and_shuts_down_cleanly(served):
     reply = client.chat.completions.create(model=MODEL_NAME, messages=[{"role": "user", "content": "hello"}],
                                            max_tokens=4, extra_body={"ignore_eos": True})
     assert reply.usage.completion_tokens == 4
+
+    # A batch through the embedded broker: upload, create, poll to completed, download.
+    lines = [chat_line(f"emb-{i}", max_tokens=6) for i in range(40)] + [chat_line("bad", max_tokens=4, messages=[
+        {"role": "user", "content": "hello " * 600}])]
+    upload = client.files.create(file=write_jsonl(tmp_path / "in.jsonl", lines).open("rb"), purpose="batch")
+    batch = client.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h")
+    deadline = time.monotonic() + 60
+    while (batch := client.batches.retrieve(batch.id)).status not in ("completed", "failed"):
+        assert time.monotonic() < deadline, batch
+        time.sleep(0.2)
+    assert batch.status == "completed" and batch.request_counts.completed == 40
+    outputs = read_jsonl(client.files.content(batch.output_file_id).text)
+    errors = read_jsonl(client.files.content(batch.error_file_id).text)
+    assert sorted(r["custom_id"] for r in outputs + errors) == sorted(line["custom_id"] for line in lines)
+    assert [e["custom_id"] for e in errors] == ["bad"]
 
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 0
