@@ -104,3 +104,49 @@ def offline_requests_in_engine(gateway) -> int:
                     'request_class="offline"' in line:
                 total += float(line.rsplit(" ", 1)[1])
     return int(total)
+
+
+def test_batch_past_its_window_expires_keeping_finished_results(client, gateway, tmp_path):
+    from sqlalchemy import update
+
+    from app.db import make_engine, make_session_factory, utcnow
+    from app.models import Batch
+
+    lines = [chat_line(f"e-{i}", max_tokens=200) for i in range(300)]
+    upload = client.files.create(file=write_jsonl(tmp_path / "slow.jsonl", lines).open("rb"), purpose="batch")
+    batch = client.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h")
+    deadline = time.monotonic() + 30
+    while client.batches.retrieve(batch.id).request_counts.completed < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    # 24 hours pass in an instant: the window closes now.
+    db = make_engine(gateway.settings.database_url)
+    with make_session_factory(db)() as s:
+        s.execute(update(Batch).where(Batch.id == batch.id).values(expires_at=utcnow()))
+        s.commit()
+    db.dispose()
+
+    final = wait_for(client, batch.id, {"expired"}, timeout=15)
+    assert final.expired_at is not None
+    kept = read_jsonl(client.files.content(final.output_file_id).text)
+    expired = read_jsonl(client.files.content(final.error_file_id).text)
+    assert len(kept) == final.request_counts.completed >= 2
+    assert expired and {e["error"]["code"] for e in expired} == {"batch_expired"}
+    assert sorted(r["custom_id"] for r in kept + expired) == sorted(line["custom_id"] for line in lines)
+    deadline = time.monotonic() + 2
+    while offline_requests_in_engine(gateway) > 0:  # the workers noticed and let go
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
+def test_completions_endpoint_runs_in_batches_too(client, tmp_path):
+    lines = [{"custom_id": f"t-{i}", "method": "POST", "url": "/v1/completions",
+              "body": {"model": MODEL_NAME, "prompt": "hello world", "max_tokens": 3, "ignore_eos": True}}
+             for i in range(5)]
+    upload = client.files.create(file=write_jsonl(tmp_path / "c.jsonl", lines).open("rb"), purpose="batch")
+    batch = client.batches.create(input_file_id=upload.id, endpoint="/v1/completions", completion_window="24h")
+    done = wait_for(client, batch.id, {"completed", "failed"})
+    assert done.status == "completed" and done.request_counts.completed == 5
+    outputs = read_jsonl(client.files.content(done.output_file_id).text)
+    assert {o["response"]["body"]["object"] for o in outputs} == {"text_completion"}
+    assert all(o["response"]["body"]["usage"]["completion_tokens"] == 3 for o in outputs)
