@@ -15,7 +15,7 @@ PYTEST_ARGS ?=
 BENCH_ARGS ?=
 COSERVE_ARGS ?=
 
-.PHONY: install run test bench bench-coserve clean
+.PHONY: install browser run test bench bench-coserve clean
 
 install: $(STAMP)
 
@@ -32,7 +32,13 @@ $(STAMP): pyproject.toml $(PACKAGE_INITS)
 run: install
 	$(VENV)/bin/conserve serve $(SERVE_ARGS)
 
-test: install
+# The dashboard's browser tests drive Debian's Chromium (never a browser Playwright would download).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+	command -v chromium >/dev/null || $(SUDO) apt-get install -y chromium || \
+		($(SUDO) apt-get update && $(SUDO) apt-get install -y chromium)
+
+test: install browser
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 bench: install

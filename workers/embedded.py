@@ -34,6 +34,7 @@ def serve(gateway_overrides: dict[str, Any], engine_overrides: dict[str, Any]) -
     settings = Settings(**gateway_overrides)
     broker = EmbeddedRedis(settings.data_dir).start()
     settings = settings.model_copy(update={"internal_token": settings.internal_token or secrets.token_urlsafe(24),
+                                           "admin_key": settings.admin_key or secrets.token_urlsafe(18),
                                            "broker_url": broker.url})
     migrate(settings.database_url)
     # float32 unless asked otherwise: the embedded default is where people first try the bundled model, and
@@ -81,7 +82,8 @@ def _announce_when_ready(settings: Settings, worker: "WorkerSupervisor", launche
             if workers:
                 url = f"http://{settings.host}:{settings.port}"
                 print(f"ConServe is serving {', '.join(sorted({w.model for w in workers}))} at {url} "
-                      f"(OpenAI API: {url}/v1)", flush=True)
+                      f"(OpenAI API: {url}/v1; dashboard: {url}/ui/jobs; admin key for {url}/ui/admin: "
+                      f"{settings.admin_key})", flush=True)
                 return
             time.sleep(0.25)
     finally:

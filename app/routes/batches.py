@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import asyncio
-import secrets
-from datetime import timedelta
 from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -11,14 +9,12 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from app.auth import require_api_key
 from app.batch_output import batch_object
-from app.batch_store import batch_counts, cancel_batch, create_batch, get_batch, get_file, list_batches
-from app.db import utcnow
-from app.errors import invalid_request, not_found
-from app.file_storage import is_file_id
+from app.batch_jobs import create_batch_for_file
+from app.batch_store import batch_counts, cancel_batch, get_batch, list_batches
+from app.errors import not_found
 from app.owner import current_owner
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
-WINDOWS = {"24h": timedelta(hours=24)}
 
 
 class CreateBatch(BaseModel):
@@ -44,16 +40,8 @@ async def create(body: CreateBatch, request: Request, owner: str | None = Depend
 
     def record():
         with state.sessions() as s:
-            file = get_file(s, body.input_file_id, owner) if is_file_id(body.input_file_id) else None
-            if file is None:
-                raise not_found(f"No such File object: {body.input_file_id}", param="input_file_id")
-            if file.purpose != "batch":
-                raise invalid_request(f"file {file.id} has purpose {file.purpose!r}; upload it with purpose 'batch'",
-                                      param="input_file_id")
-            now = utcnow()
-            batch = create_batch(s, batch_id="batch_" + secrets.token_hex(12), owner=owner, endpoint=body.endpoint,
-                                 input_file_id=file.id, completion_window=body.completion_window,
-                                 metadata=body.metadata, expires_at=now + WINDOWS[body.completion_window], now=now)
+            batch = create_batch_for_file(s, owner, body.input_file_id, body.endpoint, body.completion_window,
+                                          body.metadata)
             return batch_object(batch, batch_counts(s, batch))
 
     created = await asyncio.to_thread(record)
