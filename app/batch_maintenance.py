@@ -7,6 +7,7 @@ each batch is still finalised exactly once."""
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
 import secrets
 import socket
@@ -18,13 +19,18 @@ from app.batch_output import error_line, output_line, write_jsonl
 from app.batch_pipeline import BatchPipeline
 from app.batch_store import (batches_ready_to_finalize, begin_expiry, claim_finalization, complete_finalization,
                              create_file, due_for_expiry, expired_leases, final_status_for, load_batch,
-                             requeue_shard, results_in_order)
+                             queued_shards, requeue_shard, results_in_order, undispatched_batches)
+from app.broker_watch import BrokerWatch
+from app.db import utcnow
 from app.dispatch import send_shard
 from app.file_storage import FileStorage, new_file_id
 from app.models import FILE_PURPOSE_BATCH_OUTPUT, REQUEST_COMPLETED
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
+# A batch started this long ago and still not dispatched lost its dispatch (a gateway crash or a broker
+# outage), rather than being dispatched right now by the request that created it.
+STRANDED_AFTER_S = 30.0
 
 
 class BatchMaintenance:
@@ -36,20 +42,27 @@ class BatchMaintenance:
         self.celery = celery
         self.pipeline = pipeline
         self.name = f"gateway-{socket.gethostname()}-{secrets.token_hex(4)}"
+        self.broker = BrokerWatch(settings.broker_url)
 
     async def run_forever(self) -> None:
         try:
             await asyncio.to_thread(self.pipeline.recover)
         except Exception:
             log.exception("could not recover batches left unfinished by an earlier gateway")
-        while True:
-            try:
-                await asyncio.to_thread(self.tick)
-            except Exception:  # a store or broker outage: try again next round
-                log.exception("batch maintenance failed; retrying")
-            await asyncio.sleep(self.settings.batch_maintenance_interval_s)
+        try:
+            while True:
+                try:
+                    await asyncio.to_thread(self.tick)
+                except Exception:  # a store or broker outage: try again next round
+                    log.exception("batch maintenance failed; retrying")
+                await asyncio.sleep(self.settings.batch_maintenance_interval_s)
+        finally:
+            self.broker.close()
 
     def tick(self) -> None:
+        if self.broker.restarted():
+            self.resend_queued_shards()
+        self.dispatch_stranded()
         self.resend_lapsed_shards()
         with self.sessions() as s:
             due = [b.id for b in due_for_expiry(s)]
@@ -61,6 +74,22 @@ class BatchMaintenance:
             ready = [b.id for b in batches_ready_to_finalize(s)]
         for batch_id in ready:
             self.finalize(batch_id)
+
+    def resend_queued_shards(self) -> None:
+        with self.sessions() as s:
+            queued = [(sh.batch_id, sh.shard, sh.model) for sh in queued_shards(s)]
+        for batch_id, shard, model in queued:
+            send_shard(self.celery, batch_id, shard, model)
+        if queued:
+            log.warning("sent %d queued shards again after the broker restarted", len(queued))
+
+    def dispatch_stranded(self) -> None:
+        """Batches whose dispatch failed part-way (the broker was down) are sent again once it is back."""
+        with self.sessions() as s:
+            stranded = [b.id for b in undispatched_batches(
+                s, started_before=utcnow() - dt.timedelta(seconds=STRANDED_AFTER_S))]
+        for batch_id in stranded:
+            self.pipeline.dispatch(batch_id)
 
     def resend_lapsed_shards(self) -> None:
         with self.sessions() as s:

@@ -86,6 +86,7 @@ from app.shard_leases import (  # noqa: F401
     expired_leases,
     finish_shard,
     pending_requests,
+    queued_shards,
     record_result,
     record_results,
     release_shard,

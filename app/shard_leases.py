@@ -173,6 +173,18 @@ def expired_leases(session: Session, now: dt.datetime | None = None) -> list[Bat
     return list(session.scalars(stmt))
 
 
+def queued_shards(session: Session) -> list[BatchShard]:
+    """Queued shards of in-progress batches: what the broker should be holding a task for."""
+    stmt = (
+        select(BatchShard)
+        .join(Batch, Batch.id == BatchShard.batch_id)
+        .where(BatchShard.status == SHARD_QUEUED, Batch.status == BATCH_IN_PROGRESS)
+        .order_by(BatchShard.batch_id, BatchShard.shard)
+        .execution_options(populate_existing=True)
+    )
+    return list(session.scalars(stmt))
+
+
 def requeue_shard(session: Session, batch_id: str, shard: int, now: dt.datetime | None = None) -> bool:
     """Put a shard whose lease has run out back in the queue; True for exactly one of several
     recovering gateways, which then sends its task again. False if the shard is no longer so."""
