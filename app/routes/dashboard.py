@@ -25,7 +25,7 @@ from app.worker_client import WorkerLost, open_generation
 TEMPLATES = Path(__file__).resolve().parents[2] / "templates"
 HTMX = Path(js_lib_htmx.__file__).parent / "static" / "htmx" / "htmx.min.js"
 templates = Jinja2Templates(directory=TEMPLATES)
-router = APIRouter()
+router = APIRouter(include_in_schema=False)  # HTML pages, not part of the API
 
 
 def _duration(seconds: float | None) -> str:

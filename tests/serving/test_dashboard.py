@@ -145,3 +145,17 @@ def test_playground_answers_a_chat(page):
     page.locator("#answer .card").wait_for()
     assert "tiny-chat" in page.inner_text("#answer")
     screenshot(page, "playground")
+
+
+def test_admin_json_needs_the_admin_key(site):
+    import httpx
+
+    url = f"{site.url}/admin/api/workers"
+    assert httpx.get(url).status_code == 401
+    assert httpx.get(url, headers={"authorization": "Bearer wrong"}).status_code == 401
+    api_key_only = httpx.get(url, cookies={"conserve_key": "whatever"})
+    assert api_key_only.status_code == 401 and set(api_key_only.json()["error"]) == {"message", "type", "param", "code"}
+    ok = httpx.get(url, headers={"authorization": f"Bearer {ADMIN_KEY}"})
+    assert ok.status_code == 200
+    [worker] = [w for w in ok.json()["data"] if w["id"] == "w-dash"]
+    assert worker["alive"] and worker["device"] == "cpu" and "kv_usage" in worker["latest"]
