@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -53,6 +54,17 @@ class EngineStats:
     num_preemptions: int = 0
     busy_seconds: float = 0.0            # time spent computing steps
     uptime_seconds: float = 0.0
+
+
+# The default host checkpoint store takes at most this share of the machine's physical memory.
+HOST_STORE_RAM_SHARE = 0.4
+
+
+def _host_memory_bytes() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 34  # unknown platform: assume 16 GiB
 
 
 class Engine:
@@ -111,7 +123,12 @@ class Engine:
             store_bytes = config.checkpoint_bytes
             # Default: twice the device pool, so evicted requests waiting to resume keep their checkpoints
             # beside those of the running ones (a store the pool's size filled up and fell back to recompute).
-            store_blocks = 2 * num_blocks if store_bytes is None else store_bytes // kv_bytes_per_block(mc, config.block_size, dtype)
+            per_block = kv_bytes_per_block(mc, config.block_size, dtype)
+            if store_bytes is None:
+                # Capped at a share of host RAM: twice an 80 GB GPU's pool would not fit beside the rest.
+                store_blocks = min(2 * num_blocks, int(HOST_STORE_RAM_SHARE * _host_memory_bytes()) // per_block)
+            else:
+                store_blocks = store_bytes // per_block
             if store_blocks > 0:
                 self.checkpointer = Checkpointer(self.kv_cache, HostKVStore(self.kv_cache, store_blocks,
                                                                            pin=self.device.type == "cuda"), self.device)

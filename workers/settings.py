@@ -34,6 +34,7 @@ class WorkerSettings(BaseSettings):
     slo_ttft_ms: float = 1000.0
     slo_tpot_ms: float = 100.0
     kv_cache_bytes: int | None = None
+    checkpoint_bytes: int | None = None   # host KV checkpoint store (default: twice the KV cache, <= 40% of RAM)
     max_num_seqs: int = 128
     max_model_len: int | None = None
     profile_seconds: float = 5.0          # step-latency profiling at first start (then cached per model/device)

@@ -50,3 +50,25 @@ def test_each_configured_key_is_accepted(keyed_gateway, key):
 def test_health_and_metrics_need_no_key(keyed_gateway):
     assert httpx.get(f"{keyed_gateway.url}/health").status_code == 200
     assert httpx.get(f"{keyed_gateway.url}/metrics").status_code == 200
+
+
+def test_files_and_batches_are_visible_only_to_the_key_that_made_them(keyed_gateway, tmp_path):
+    from batch_files import chat_line, write_jsonl
+
+    one = openai.OpenAI(base_url=f"{keyed_gateway.url}/v1", api_key="key-one", max_retries=0)
+    two = openai.OpenAI(base_url=f"{keyed_gateway.url}/v1", api_key="key-two", max_retries=0)
+    upload = one.files.create(file=write_jsonl(tmp_path / "mine.jsonl", [chat_line("a")]).open("rb"),
+                              purpose="batch")
+    batch = one.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h")
+
+    assert upload.id not in [f.id for f in two.files.list()]
+    assert batch.id not in [b.id for b in two.batches.list()]
+    for call in (lambda: two.files.retrieve(upload.id), lambda: two.files.content(upload.id),
+                 lambda: two.files.delete(upload.id), lambda: two.batches.retrieve(batch.id),
+                 lambda: two.batches.cancel(batch.id),
+                 lambda: two.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions",
+                                            completion_window="24h")):
+        with pytest.raises(openai.NotFoundError):
+            call()
+    assert one.files.retrieve(upload.id).id == upload.id
+    assert one.batches.retrieve(batch.id).id == batch.id
