@@ -12,6 +12,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 logger = logging.getLogger(__name__)
@@ -112,6 +113,9 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     status = exc.status_code
+    headers = dict(exc.headers) if exc.headers else {}
+    if status == 405 and (allowed := _allowed_methods(request)):
+        headers = {k: v for k, v in headers.items() if k.lower() != "allow"} | {"Allow": allowed}
     default_phrase = _phrase(status)
     message = exc.detail if isinstance(exc.detail, str) and exc.detail != default_phrase else None
     if message is None:
@@ -119,12 +123,24 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
         if status == 404:
             message = f"Invalid URL ({where}); no such endpoint"
         elif status == 405:
-            allowed = (exc.headers or {}).get("allow") or (exc.headers or {}).get("Allow")
+            allowed = next((v for k, v in headers.items() if k.lower() == "allow"), None)
             message = f"Method not allowed ({where})" + (f"; allowed: {allowed}" if allowed else "")
         else:
             message = default_phrase or f"HTTP {status}"
     kind = SERVER_ERROR if status >= 500 else INVALID_REQUEST
-    return _json(status, error_body(message, kind), dict(exc.headers) if exc.headers else None)
+    return _json(status, error_body(message, kind), headers or None)
+
+
+def _allowed_methods(request: Request) -> str:
+    """Every method the request's path answers to. Starlette's 405 names only the methods of the first route
+    whose path matched, and FastAPI makes one route per method (GET /v1/files, POST /v1/files), so its Allow
+    header left out the others. Each method is tried against the routes (included routers nest theirs)."""
+    routes = request.app.router.routes
+    return ", ".join(method for method in _METHODS
+                     if any(route.matches({**request.scope, "method": method})[0] == Match.FULL for route in routes))
+
+
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 
 
 async def _unhandled_fallback(request: Request, exc: Exception) -> JSONResponse:

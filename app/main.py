@@ -13,13 +13,14 @@ from prometheus_client import CollectorRegistry
 
 from app.db import make_engine, make_session_factory
 from app.errors import install_error_handlers
+from app.openapi_docs import install_openapi
 from app.fleet_metrics import FleetCollector
 from app.request_metrics import RequestMetrics
 from app.batch_maintenance import BatchMaintenance
 from app.batch_pipeline import BatchPipeline
 from app.dispatch import make_celery
 from app.file_storage import FileStorage
-from app.routes import batches, completions, dashboard, files, health, models
+from app.routes import admin_api, batches, completions, dashboard, files, health, models
 from app.routes.dashboard import login_page
 from app.ui_auth import LoginRequired
 from app.settings import Settings
@@ -66,12 +67,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="ConServe", version="0.1.0", lifespan=lifespan,
                   description="OpenAI-compatible LLM co-serving: online chat beside offline batch jobs.")
     install_error_handlers(app)
+    install_openapi(app)
     app.add_exception_handler(LoginRequired, lambda request, exc: login_page(request, exc))
     app.include_router(completions.router)
     app.include_router(models.router)
     app.include_router(files.router)
     app.include_router(batches.router)
     app.include_router(dashboard.router)
+    app.include_router(admin_api.router)
     app.include_router(health.router)
     return app
 

@@ -32,7 +32,8 @@ async def receive_upload(request: Request, storage: FileStorage, file_id: str, m
         raise _too_large(max_bytes)
 
     upload = Upload()
-    state: dict = {"headers": {}, "name": None, "field": bytearray(), "header_field": b"", "header_value": b""}
+    state: dict = {"headers": {}, "name": None, "field": bytearray(), "header_field": b"", "header_value": b"",
+                   "ended": False}
     too_large = False
 
     with storage.writer(file_id) as out:
@@ -73,10 +74,13 @@ async def receive_upload(request: Request, storage: FileStorage, file_id: str, m
                 upload.fields[state["name"]] = state["field"].decode("utf-8", "replace")
             state["headers"], state["name"], state["field"] = {}, None, bytearray()
 
+        def on_end() -> None:
+            state["ended"] = True
+
         parser = MultipartParser(params[b"boundary"], callbacks={
             "on_header_field": on_header_field, "on_header_value": on_header_value,
             "on_header_end": on_header_end, "on_headers_finished": on_headers_finished,
-            "on_part_data": on_part_data, "on_part_end": on_part_end})
+            "on_part_data": on_part_data, "on_part_end": on_part_end, "on_end": on_end})
         try:
             async for chunk in request.stream():
                 parser.write(chunk)
@@ -85,6 +89,11 @@ async def receive_upload(request: Request, storage: FileStorage, file_id: str, m
             parser.finalize()
         except MultipartParseError as exc:
             raise invalid_request(f"malformed multipart body: {exc}") from exc
+        # The parser takes a body that stops short of its closing boundary as if it were whole; so would we,
+        # and keep a truncated file.
+        if not state["ended"]:
+            raise invalid_request("malformed multipart body: it ends before the closing boundary "
+                                  f"(--{params[b'boundary'].decode('latin-1')}--); the upload is incomplete")
         if upload.filename is None:
             raise invalid_request("the upload has no 'file' part", param="file")
     return upload
