@@ -3,8 +3,9 @@ shards must run here too), consuming only the offline queue of the model this wo
 
 One solo-pool consumer per slot, each with its own app and broker connection, rather than one consumer with a
 thread pool: with the thread pool, acknowledgements are sent from the pool's threads, and after a broker
-restart the consumer's own loop never noticed the lost connection (measured: it never reconnected). A solo
-consumer runs its shard, acknowledges it and polls the broker all on one thread, and reconnects by itself."""
+restart the consumer's own loop never noticed the lost connection. Even solo consumers that were running a
+shard when the broker went down sometimes never reconnected (seen under load), so a watchdog compares the
+broker's run_id every few seconds and replaces every consumer after a restart."""
 from __future__ import annotations
 
 import logging
@@ -13,32 +14,48 @@ from typing import Callable
 
 from celery import Celery
 
+from app.broker_watch import BrokerWatch
 from app.dispatch import SHARD_TASK, offline_queue
 from workers.shard_runner import ShardRunner
 
 log = logging.getLogger(__name__)
+WATCH_INTERVAL_S = 2.0
 
 
 class OfflineConsumer:
     def __init__(self, make_app: Callable[[], Celery], runner: ShardRunner, model: str, worker_id: str,
-                 slots: int = 2):
+                 broker_url: str, slots: int = 2):
+        self.make_app = make_app
         self.runner = runner
-        self.controllers = []
-        self._threads = []
-        def run_shard(batch_id: str, shard: int) -> str:
-            return runner.run(batch_id, shard)
+        self.model = model
+        self.worker_id = worker_id
+        self.slots = slots
+        self.broker_url = broker_url
+        self.controllers: list = []
+        self._threads: list[threading.Thread] = []
+        self._generation = 0
+        self._stopped = threading.Event()
+        self._watchdog = threading.Thread(target=self._watch, name="conserve-broker-watch", daemon=True)
 
-        for slot in range(slots):
-            celery = make_app()
-            celery.task(name=SHARD_TASK)(run_shard)
+    def _run_shard(self, batch_id: str, shard: int) -> str:
+        return self.runner.run(batch_id, shard)
+
+    def _start_consumers(self) -> None:
+        self._generation += 1
+        self.controllers, self._threads = [], []
+        for slot in range(self.slots):
+            celery = self.make_app()
+            celery.task(name=SHARD_TASK)(self._run_shard)
             celery.finalize()
             controller = celery.WorkController(
-                pool_cls="solo", concurrency=1, queues=[offline_queue(model)],
-                hostname=f"{worker_id}-{slot}@conserve", loglevel="WARNING", without_heartbeat=True,
-                without_mingle=True, without_gossip=True, ready_callback=lambda *_: None)
+                pool_cls="solo", concurrency=1, queues=[offline_queue(self.model)],
+                hostname=f"{self.worker_id}-{slot}.{self._generation}@conserve", loglevel="WARNING",
+                without_heartbeat=True, without_mingle=True, without_gossip=True, ready_callback=lambda *_: None)
+            thread = threading.Thread(target=self._serve, args=(controller,), daemon=True,
+                                      name=f"conserve-offline-consumer-{slot}")
             self.controllers.append(controller)
-            self._threads.append(threading.Thread(target=self._serve, args=(controller,), daemon=True,
-                                                  name=f"conserve-offline-consumer-{slot}"))
+            self._threads.append(thread)
+            thread.start()
 
     @staticmethod
     def _serve(controller) -> None:
@@ -47,12 +64,28 @@ class OfflineConsumer:
         except Exception:
             log.exception("an offline consumer stopped")
 
+    def _watch(self) -> None:
+        watch = BrokerWatch(self.broker_url)
+        try:
+            watch.restarted()  # the baseline run_id
+            while not self._stopped.wait(WATCH_INTERVAL_S):
+                if watch.restarted() and not self._stopped.is_set():
+                    log.warning("the broker restarted: replacing the offline consumers")
+                    old = self.controllers
+                    self._start_consumers()
+                    for controller in old:  # a stuck consumer must not hold up its replacement
+                        threading.Thread(target=controller.stop, kwargs={"in_sighandler": False},
+                                         daemon=True).start()
+        finally:
+            watch.close()
+
     def start(self) -> None:
-        for thread in self._threads:
-            thread.start()
+        self._start_consumers()
+        self._watchdog.start()
 
     def stop(self, timeout: float = 15.0) -> None:
         """Hand running shards back (they are re-sent for another worker) and stop consuming."""
+        self._stopped.set()
         self.runner.stopping.set()
         for controller in self.controllers:
             controller.stop(in_sighandler=False)

@@ -85,7 +85,7 @@ def _offline_consumer(settings: WorkerSettings, host, sessions, worker_id: str):
     sender = make_app()
     runner = ShardRunner(host, sessions, worker_id, lambda b, s, m: send_shard(sender, b, s, m),
                          lease_s=settings.shard_lease_s, max_shard_s=settings.broker_visibility_timeout_s / 4)
-    return OfflineConsumer(make_app, runner, host.model_name, worker_id, settings.offline_slots)
+    return OfflineConsumer(make_app, runner, host.model_name, worker_id, settings.broker_url, settings.offline_slots)
 
 
 def _url_host(host: str) -> str:
