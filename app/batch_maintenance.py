@@ -11,6 +11,7 @@ import datetime as dt
 import logging
 import secrets
 import socket
+import time
 
 from celery import Celery
 from sqlalchemy.orm import Session, sessionmaker
@@ -26,11 +27,14 @@ from app.dispatch import send_shard
 from app.file_storage import FileStorage, new_file_id
 from app.models import FILE_PURPOSE_BATCH_OUTPUT, REQUEST_COMPLETED
 from app.settings import Settings
+from app.worker_registry import alive_workers, latest_samples
 
 log = logging.getLogger(__name__)
 # A batch started this long ago and still not dispatched lost its dispatch (a gateway crash or a broker
 # outage), rather than being dispatched right now by the request that created it.
 STRANDED_AFTER_S = 30.0
+ORPHAN_AFTER_S = 10.0
+RESEND_EVERY_S = 30.0
 
 
 class BatchMaintenance:
@@ -43,6 +47,7 @@ class BatchMaintenance:
         self.pipeline = pipeline
         self.name = f"gateway-{socket.gethostname()}-{secrets.token_hex(4)}"
         self.broker = BrokerWatch(settings.broker_url)
+        self._resent: dict[tuple[str, int], float] = {}  # shard -> when its task was last sent again (monotonic)
 
     async def run_forever(self) -> None:
         try:
@@ -62,6 +67,7 @@ class BatchMaintenance:
     def tick(self) -> None:
         if self.broker.restarted():
             self.resend_queued_shards()
+        self.resend_orphaned_shards()
         self.dispatch_stranded()
         self.resend_lapsed_shards()
         with self.sessions() as s:
@@ -82,6 +88,30 @@ class BatchMaintenance:
             send_shard(self.celery, batch_id, shard, model)
         if queued:
             log.warning("sent %d queued shards again after the broker restarted", len(queued))
+
+    def resend_orphaned_shards(self) -> None:
+        """A worker that died after taking a shard's task from the broker but before claiming it leaves the
+        shard queued with its task unacknowledged until the visibility timeout. So while a worker of the
+        shard's model sits idle and the shard has waited ORPHAN_AFTER_S, its task is sent again (at most every
+        RESEND_EVERY_S; a duplicate is harmless). Busy workers mean a real backlog: nothing is re-sent."""
+        with self.sessions() as s:
+            queued = [(sh.batch_id, sh.shard, sh.model, sh.updated_at) for sh in queued_shards(s)]
+            if not queued:
+                return
+            workers = alive_workers(s, stale_after_s=self.settings.worker_stale_after_s)
+            samples = latest_samples(s, [w.id for w in workers])
+        idle_models = {w.model for w in workers if (sample := samples.get(w.id)) is not None
+                       and sample.running_offline + sample.waiting_offline == 0}
+        now, cutoff = time.monotonic(), utcnow() - dt.timedelta(seconds=ORPHAN_AFTER_S)
+        still_queued = {(batch_id, shard) for batch_id, shard, _, _ in queued}
+        self._resent = {key: at for key, at in self._resent.items() if key in still_queued}
+        for batch_id, shard, model, queued_at in queued:
+            key = (batch_id, shard)
+            if model in idle_models and queued_at <= cutoff and now - self._resent.get(key, -RESEND_EVERY_S) >= RESEND_EVERY_S:
+                self._resent[key] = now
+                log.warning("shard %s/%d has waited since %s while a worker of %s is idle; sending it again",
+                            batch_id, shard, queued_at.isoformat(timespec="seconds"), model)
+                send_shard(self.celery, batch_id, shard, model)
 
     def dispatch_stranded(self) -> None:
         """Batches whose dispatch failed part-way (the broker was down) are sent again once it is back."""

@@ -49,6 +49,18 @@ def shards_of_worker(database_url: str, batch_id: str, worker_id: str, status: s
         db.dispose()
 
 
+def shard_states(database_url: str, batch_id: str) -> list[tuple]:
+    db = make_engine(database_url)
+    try:
+        with make_session_factory(db)() as s:
+            pending = dict(s.execute(select(BatchRequest.shard, func.count()).where(
+                BatchRequest.batch_id == batch_id, BatchRequest.status == "pending").group_by(BatchRequest.shard)).all())
+            return [(sh.shard, sh.status, sh.worker_id, sh.attempts, pending.get(sh.shard, 0)) for sh in s.scalars(
+                select(BatchShard).where(BatchShard.batch_id == batch_id).order_by(BatchShard.shard))]
+    finally:
+        db.dispose()
+
+
 def test_batch_survives_a_worker_killed_mid_batch(database_url, broker_url, files_dir, start_worker, tmp_path):
     # Slow workers (4 sequences at a time) so the batch is still running when one dies.
     doomed = start_worker("w-pg-doomed", "--max-num-seqs", "4")
@@ -77,7 +89,7 @@ def test_batch_survives_a_worker_killed_mid_batch(database_url, broker_url, file
         deadline = time.monotonic() + 120
         while (batch := client.batches.retrieve(batch.id)).status != "completed":
             assert batch.status in ("validating", "in_progress", "finalizing"), batch
-            assert time.monotonic() < deadline, f"batch stuck: {batch.request_counts}"
+            assert time.monotonic() < deadline, f"batch stuck: {batch.request_counts}, {shard_states(database_url, batch.id)}"
             time.sleep(0.25)
         assert batch.request_counts.completed == len(lines) and batch.request_counts.failed == 0
         outputs = read_jsonl(client.files.content(batch.output_file_id).text)
