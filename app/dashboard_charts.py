@@ -15,6 +15,9 @@ def live_charts(live: LiveSeries) -> list[str]:
 
     def latency(field: str, label: str) -> list[Series]:
         out = []
+        if several:  # the fleet: the worst worker's p99 in each bucket (percentiles do not add up)
+            out.append(Series(f"{label} p99 · worst worker", [(t, None if v is None else v * 1000) for t, v in
+                                                              _combined(live, f"{field}_p99", max)]))
         for worker, fields in sorted(live.by_worker.items()):
             suffix = f" · {worker}" if several else ""
             for quantile, dashed in (("p99", False), ("p50", True)):
@@ -46,12 +49,16 @@ def live_charts(live: LiveSeries) -> list[str]:
 
 def _summed(live: LiveSeries, field: str) -> list[tuple[float, float | None]]:
     """The fleet's total per time bucket: each worker's latest reading in the bucket, added up."""
+    return _combined(live, field, sum)
+
+
+def _combined(live: LiveSeries, field: str, combine) -> list[tuple[float, float | None]]:
     buckets: dict[float, dict[str, float]] = defaultdict(dict)
     for worker, fields in live.by_worker.items():
         for t, v in fields[field]:
             if v is not None:
                 buckets[t - t % BUCKET_S][worker] = v
-    return [(t + BUCKET_S / 2, sum(values.values())) for t, values in sorted(buckets.items())]
+    return [(t + BUCKET_S / 2, combine(values.values())) for t, values in sorted(buckets.items())]
 
 
 def progress_svg(detail: JobDetail) -> str:
