@@ -159,3 +159,20 @@ def test_admin_json_needs_the_admin_key(site):
     assert ok.status_code == 200
     [worker] = [w for w in ok.json()["data"] if w["id"] == "w-dash"]
     assert worker["alive"] and worker["device"] == "cpu" and "kv_usage" in worker["latest"]
+
+
+def test_cancel_button_stops_a_running_batch(page, tmp_path):
+    lines = [chat_line(f"long-{i}", max_tokens=200) for i in range(300)]
+    path = write_jsonl(tmp_path / "long-batch.jsonl", lines)
+    page.goto("/ui/jobs")
+    page.get_by_label("Batch input file (JSONL: one request per line)").set_input_files(str(path))
+    page.get_by_role("button", name="Upload and start").click()
+    row = page.locator("tr", has_text="long-batch.jsonl").first
+    row.locator(".badge.in_progress").wait_for(timeout=20_000)
+    page.once("dialog", lambda dialog: dialog.accept())  # hx-confirm asks first
+    row.get_by_role("button", name="Cancel").click()
+    row.locator(".badge.cancelled").wait_for(timeout=20_000)
+    assert row.get_by_role("button", name="Cancel").count() == 0
+    done, total = row.locator("td.num").first.inner_text().split(" / ")
+    assert total == "300" and int(done) == 300  # every request ended: finished, or closed as cancelled
+    screenshot(page, "jobs-cancelled")
