@@ -18,9 +18,21 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.batch_output import error_line, output_line, write_jsonl
 from app.batch_pipeline import BatchPipeline
-from app.batch_store import (batches_ready_to_finalize, begin_expiry, claim_finalization, complete_finalization,
-                             create_file, due_for_expiry, expired_leases, final_status_for, load_batch,
-                             queued_shards, requeue_shard, results_in_order, undispatched_batches)
+from app.batch_store import (
+    batches_ready_to_finalize,
+    begin_expiry,
+    claim_finalization,
+    complete_finalization,
+    create_file,
+    due_for_expiry,
+    expired_leases,
+    final_status_for,
+    load_batch,
+    queued_shards,
+    requeue_shard,
+    results_in_order,
+    undispatched_batches,
+)
 from app.broker_watch import BrokerWatch
 from app.db import utcnow
 from app.dispatch import send_shard
@@ -164,7 +176,7 @@ class BatchMaintenance:
                                          output_file_id=output_id if outputs else None,
                                          error_file_id=error_id if errors else None)
         if not done:  # another gateway took the batch over meanwhile; its files are the ones that count
-            for file_id, size in files.values():
+            for file_id, _ in files.values():
                 self.storage.delete(file_id)
             log.warning("batch %s was finalised elsewhere; discarded this gateway's files", batch_id)
             return

@@ -11,8 +11,15 @@ from celery import Celery
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.batch_store import (add_requests, fail_validation, mark_dispatched, shards_of, start_batch,
-                             undispatched_batches, validating_batches)
+from app.batch_store import (
+    add_requests,
+    fail_validation,
+    mark_dispatched,
+    shards_of,
+    start_batch,
+    undispatched_batches,
+    validating_batches,
+)
 from app.batch_validation import iter_batch_requests, validate_batch_file
 from app.dispatch import send_shard
 from app.file_storage import FileStorage

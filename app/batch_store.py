@@ -54,7 +54,19 @@ from contextlib import contextmanager
 from itertools import islice
 from typing import Any, Literal
 
-from sqlalchemy import ColumnElement, and_, case, delete, exists, func, insert, literal, or_, select, update
+from sqlalchemy import (
+    ColumnElement,
+    and_,
+    case,
+    delete,
+    exists,
+    func,
+    insert,
+    literal,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.orm import Session
 
 from app.db import UTCDateTime, utcnow
@@ -79,6 +91,7 @@ from app.models import (
     BatchShard,
     File,
 )
+
 # The workers' side lives in app/shard_leases.py; re-exported so callers have one import path.
 from app.shard_leases import (  # noqa: F401
     ClaimOutcome,

@@ -33,7 +33,7 @@ def live_charts(live: LiveSeries) -> list[str]:
         if several:
             throughput.append(Series(f"{name} · all workers", _summed(live, f"{klass}_tokens_per_s"), dashed=dashed))
         else:
-            for worker, fields in live.by_worker.items():
+            for fields in live.by_worker.values():
                 throughput.append(Series(name, fields[f"{klass}_tokens_per_s"], dashed=dashed))
     busy = [Series(f"busy{' · ' + w if several else ''}", [(t, None if v is None else 100 * v) for t, v in
                                                              f["busy_fraction"]]) for w, f in sorted(live.by_worker.items())]

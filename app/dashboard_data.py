@@ -13,8 +13,16 @@ from sqlalchemy.orm import Session
 
 from app.batch_store import batch_counts, get_batch, list_batches, shards_of
 from app.db import utcnow
-from app.models import (BATCH_CANCELLED, BATCH_COMPLETED, BATCH_EXPIRED, BATCH_FAILED, File, BatchRequest,
-                        Worker, WorkerSample)
+from app.models import (
+    BATCH_CANCELLED,
+    BATCH_COMPLETED,
+    BATCH_EXPIRED,
+    BATCH_FAILED,
+    BatchRequest,
+    File,
+    Worker,
+    WorkerSample,
+)
 from app.worker_registry import latest_samples, samples_since
 
 FINAL = {BATCH_COMPLETED, BATCH_FAILED, BATCH_EXPIRED, BATCH_CANCELLED}

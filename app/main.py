@@ -1,4 +1,5 @@
-"""The gateway application: OpenAI-compatible API in front of the workers, metrics, health."""
+"""The gateway application: the OpenAI-compatible API (chat, completions, models, files, batches) in front of
+the workers, the dashboard, metrics and health, and the background duties of offline jobs."""
 from __future__ import annotations
 
 import asyncio
@@ -11,19 +12,19 @@ import httpx
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
-from app.db import make_engine, make_session_factory
-from app.errors import install_error_handlers
-from app.openapi_docs import install_openapi
-from app.fleet_metrics import FleetCollector
-from app.request_metrics import RequestMetrics
 from app.batch_maintenance import BatchMaintenance
 from app.batch_pipeline import BatchPipeline
+from app.db import make_engine, make_session_factory
 from app.dispatch import make_celery
+from app.errors import install_error_handlers
 from app.file_storage import FileStorage
+from app.fleet_metrics import FleetCollector
+from app.openapi_docs import install_openapi
+from app.request_metrics import RequestMetrics
 from app.routes import admin_api, batches, completions, dashboard, files, health, models
 from app.routes.dashboard import login_page
-from app.ui_auth import LoginRequired
 from app.settings import Settings
+from app.ui_auth import LoginRequired
 from app.worker_registry import mark_stale_workers
 from app.worker_router import WorkerRouter
 

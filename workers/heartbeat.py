@@ -13,7 +13,13 @@ from typing import Callable
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.db import utcnow
-from app.worker_registry import UnknownWorkerError, mark_offline, prune_samples, record_heartbeat, register_worker
+from app.worker_registry import (
+    UnknownWorkerError,
+    mark_offline,
+    prune_samples,
+    record_heartbeat,
+    register_worker,
+)
 
 log = logging.getLogger(__name__)
 

@@ -18,8 +18,15 @@ from typing import Any, Callable
 from pydantic import ValidationError
 
 from app import openai_schemas as oa
-from app.batch_store import (batch_status, claim_shard, finish_shard, pending_requests, record_result,
-                             release_shard, renew_shard)
+from app.batch_store import (
+    batch_status,
+    claim_shard,
+    finish_shard,
+    pending_requests,
+    record_result,
+    release_shard,
+    renew_shard,
+)
 from app.errors import describe_validation_errors, error_body
 from app.models import Batch
 from engine.errors import InvalidRequestError

@@ -8,8 +8,8 @@ from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from app.auth import require_api_key
-from app.batch_output import batch_object
 from app.batch_jobs import create_batch_for_file
+from app.batch_output import batch_object
 from app.batch_store import batch_counts, cancel_batch, get_batch, list_batches
 from app.errors import not_found
 from app.owner import current_owner

@@ -1,7 +1,6 @@
 """GET /health (liveness plus what a load balancer needs to know) and GET /metrics (Prometheus)."""
 from __future__ import annotations
 
-
 from fastapi import APIRouter, Request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.responses import JSONResponse, Response
