@@ -67,9 +67,10 @@ def run_worker(settings: WorkerSettings, on_ready=None) -> None:
             on_ready(identity)
         asyncio.run(server.serve(sockets=[sock]))
     finally:
+        # Offline first, so the gateway stops routing here at once; then hand back shards and stop.
+        heartbeat.stop()
         if consumer is not None:
             consumer.stop()
-        heartbeat.stop()
         engine.shutdown()
         db.dispose()
 

@@ -58,8 +58,19 @@ class ShardRunner:
         # enough that a busy engine stops pulling work other workers could do.
         self.queue_depth = queue_depth
         self.stopping = threading.Event()   # set on worker shutdown: shards are handed back at once
+        self.active = 0                     # shards running now (the consumers' watchdog reads it)
+        self._active_lock = threading.Lock()
 
     def run(self, batch_id: str, shard: int) -> str:
+        with self._active_lock:
+            self.active += 1
+        try:
+            return self._claim_and_run(batch_id, shard)
+        finally:
+            with self._active_lock:
+                self.active -= 1
+
+    def _claim_and_run(self, batch_id: str, shard: int) -> str:
         with self.sessions() as s:
             outcome = claim_shard(s, batch_id, shard, self.worker_id, self.lease_s)
         if outcome != "claimed":
