@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import threading
 
 import uvicorn
 
@@ -84,7 +85,13 @@ def _offline_consumer(settings: WorkerSettings, host, sessions, worker_id: str):
         return make_celery(settings.broker_url, settings.broker_visibility_timeout_s)
 
     sender = make_app()
-    runner = ShardRunner(host, sessions, worker_id, lambda b, s, m: send_shard(sender, b, s, m),
+    send_lock = threading.Lock()  # consumers hand shards back from their own threads; one sender, one at a time
+
+    def hand_back(batch_id: str, shard: int, model: str) -> None:
+        with send_lock:
+            send_shard(sender, batch_id, shard, model)
+
+    runner = ShardRunner(host, sessions, worker_id, hand_back,
                          lease_s=settings.shard_lease_s, max_shard_s=settings.broker_visibility_timeout_s / 4)
     return OfflineConsumer(make_app, runner, host.model_name, worker_id, settings.broker_url, settings.offline_slots)
 

@@ -1,4 +1,5 @@
-"""Runs one batch shard on this worker's engine: claims the shard's lease in the job store, feeds its pending
+"""Runs one batch shard on this worker's engine: hands it straight back (unclaimed, for a worker with idle
+capacity) if the engine has no room for more offline work, else claims the shard's lease in the job store, feeds its pending
 requests to the engine as offline work while the engine has room, writes each result as it completes, and
 stops within a poll interval when the batch is cancelled or expires.
 
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from pydantic import ValidationError
+from sqlalchemy import select
 
 from app import openai_schemas as oa
 from app.batch_store import (
@@ -28,11 +30,13 @@ from app.batch_store import (
     renew_shard,
 )
 from app.errors import describe_validation_errors, error_body
-from app.models import Batch
+from app.models import Batch, BatchShard
 from engine.errors import InvalidRequestError
 from workers.engine_host import EngineHost
 
 log = logging.getLogger(__name__)
+# How long a newly taken shard waits for room in the engine before going back to the queue.
+ROOM_WAIT_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -71,12 +75,32 @@ class ShardRunner:
                 self.active -= 1
 
     def _claim_and_run(self, batch_id: str, shard: int) -> str:
+        if not self._room_for_more():
+            # Busy with other offline work (or online load): the shard goes back to the queue for a worker
+            # with idle capacity instead of waiting here.
+            with self.sessions() as s:
+                model = s.scalar(select(BatchShard.model).where(BatchShard.batch_id == batch_id,
+                                                                BatchShard.shard == shard))
+            if model is not None:
+                self.hand_back(batch_id, shard, model)
+            log.info("shard %s/%d handed back unclaimed: the engine has no room for more offline work",
+                     batch_id, shard)
+            return "no_room"
         with self.sessions() as s:
             outcome = claim_shard(s, batch_id, shard, self.worker_id, self.lease_s)
         if outcome != "claimed":
             log.info("shard %s/%d not run here: %s", batch_id, shard, outcome)
             return outcome
         return asyncio.run(self._run(batch_id, shard))
+
+    def _room_for_more(self) -> bool:
+        """Whether the engine's offline queue has room, waiting up to ROOM_WAIT_S for it to drain."""
+        deadline = time.monotonic() + ROOM_WAIT_S
+        while self.host.offline_waiting() >= self.queue_depth:
+            if time.monotonic() >= deadline or self.stopping.is_set():
+                return False
+            time.sleep(self.poll_s)
+        return True
 
     def _load(self, batch_id: str, shard: int) -> tuple[Batch, list[PendingRequest], str]:
         with self.sessions() as s:

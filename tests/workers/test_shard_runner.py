@@ -1,6 +1,8 @@
-"""A batch shard on a real engine and a real (SQLite) job store: its results are recorded once each."""
+"""A batch shard on a real engine and a real (SQLite) job store: its results are recorded once each, and a
+worker whose engine is full hands a new shard back unclaimed so a worker with idle capacity takes it."""
 from __future__ import annotations
 
+import time
 from datetime import timedelta
 
 from app.batch_store import add_requests, create_batch, create_file, shards_of, start_batch
@@ -36,3 +38,26 @@ def test_shard_records_every_result_once_and_leaves_other_shards_alone(host, sto
     assert [r.status for r in rows] == ["completed"] * 4 + ["pending"] * 2
     assert all(r.response["usage"]["completion_tokens"] == 4 and r.worker_id == "w-test" for r in rows[:4])
     assert shards == {0: "done", 1: "queued"} and sent_back == []
+
+
+def test_full_engine_hands_a_new_shard_back_unclaimed(host, store_sessions):
+    batch_id = make_batch(store_sessions, count=4, shard_size=4)
+    # Fill the engine's offline queue far past the runner's depth.
+    filler = [host.submit([{"role": "user", "content": "hello"}], {"max_tokens": 400, "ignore_eos": True},
+                          "offline") for _ in range(200)]
+    try:
+        deadline = time.monotonic() + 10
+        while host.offline_waiting() < 8:  # the engine counts them at its next step
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        sent_back = []
+        runner = ShardRunner(host, store_sessions, "w-busy", lambda *a: sent_back.append(a), lease_s=30,
+                             poll_s=0.05)
+        assert runner.run(batch_id, 0) == "no_room"
+        assert sent_back == [(batch_id, 0, "tiny-chat")]
+        with store_sessions() as s:
+            [shard] = shards_of(s, batch_id)
+        assert (shard.status, shard.attempts, shard.worker_id) == ("queued", 0, None)
+    finally:
+        for stream in filler:
+            stream.cancel()
