@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
 from itertools import islice
 from typing import Any, Literal
 
@@ -69,7 +68,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Session
 
-from app.db import UTCDateTime, utcnow
+from app.db import UTCDateTime, unit_of_work, utcnow
 from app.models import (
     BATCH_CANCELLED,
     BATCH_CANCELLING,
@@ -128,7 +127,7 @@ def create_file(
     now: dt.datetime | None = None,
 ) -> File:
     file = File(id=file_id, owner=owner, purpose=purpose, filename=filename, bytes=size, created_at=now or utcnow())
-    with _unit_of_work(session):
+    with unit_of_work(session):
         session.add(file)
     return file
 
@@ -155,7 +154,7 @@ def list_files(
 def delete_file(session: Session, file_id: str, owner: str | None) -> File | None:
     """Delete the owner's file row; returns it (so the caller can delete its bytes), None if there was none."""
     stmt = delete(File).where(File.id == file_id, _owned_by(File.owner, owner)).returning(File)
-    with _unit_of_work(session):
+    with unit_of_work(session):
         deleted = session.scalars(stmt).one_or_none()
     return deleted
 
@@ -174,7 +173,7 @@ def create_batch(
         completion_window=completion_window, status=BATCH_VALIDATING, metadata_=metadata,
         created_at=now or utcnow(), expires_at=expires_at,
     )
-    with _unit_of_work(session):
+    with unit_of_work(session):
         session.add(batch)
     return batch
 
@@ -234,7 +233,7 @@ def add_requests(session: Session, batch_id: str, rows: Iterable[dict[str, Any]]
     Only into a validating batch, replacing any rows an interrupted validation left; a batch no
     longer validating (cancelled or expired meanwhile) gets nothing, and 0 is returned.
     """
-    with _unit_of_work(session):
+    with unit_of_work(session):
         # A no-op write that locks the batch's row (SQLite: the database) until commit, so a
         # concurrent cancel_batch or begin_expiry waits for these rows and then deletes them.
         if not _update(session, Batch, Batch.id == batch_id, Batch.status == BATCH_VALIDATING, status=Batch.status):
@@ -255,7 +254,7 @@ def start_batch(session: Session, batch_id: str, shards: list[tuple[int, str]], 
     False if the batch was no longer validating (cancelled or expired meanwhile, or started by another
     validator); then nothing is written."""
     now = now or utcnow()
-    with _unit_of_work(session):
+    with unit_of_work(session):
         if not _update(session, Batch, Batch.id == batch_id, Batch.status == BATCH_VALIDATING,
                        status=BATCH_IN_PROGRESS, in_progress_at=now):
             return False
@@ -271,7 +270,7 @@ def fail_validation(session: Session, batch_id: str, errors: list[dict[str, Any]
     """validating → failed with the errors ({"code","message","param","line"}); its request rows are
     deleted. False if the batch was no longer validating."""
     now = now or utcnow()
-    with _unit_of_work(session):
+    with unit_of_work(session):
         if not _update(session, Batch, Batch.id == batch_id, Batch.status == BATCH_VALIDATING,
                        status=BATCH_FAILED, failed_at=now, errors=errors, **_ZERO_COUNTS):
             return False
@@ -298,7 +297,7 @@ def shards_of(session: Session, batch_id: str) -> list[BatchShard]:
 
 def mark_dispatched(session: Session, batch_id: str, now: dt.datetime | None = None) -> bool:
     """Record that every shard was sent to the broker; False if it already was (or no such batch)."""
-    with _unit_of_work(session):
+    with unit_of_work(session):
         return _update(session, Batch, Batch.id == batch_id, Batch.dispatched_at.is_(None), dispatched_at=now or utcnow())
 
 
@@ -320,7 +319,7 @@ def cancel_batch(session: Session, batch_id: str, owner: str | None, now: dt.dat
     is left as it is. Returns the batch as it is now, None if the owner has no such batch."""
     now = now or utcnow()
     mine = and_(Batch.id == batch_id, _owned_by(Batch.owner, owner))
-    with _unit_of_work(session):
+    with unit_of_work(session):
         if not _update(session, Batch, mine, Batch.status == BATCH_IN_PROGRESS, status=BATCH_CANCELLING, cancelling_at=now):
             if _update(session, Batch, mine, Batch.status == BATCH_VALIDATING, status=BATCH_CANCELLED,
                        cancelling_at=now, cancelled_at=now, **_ZERO_COUNTS):
@@ -342,7 +341,7 @@ def begin_expiry(session: Session, batch_id: str, now: dt.datetime | None = None
     at once. False if the batch is not due or not in one of those statuses."""
     now = now or utcnow()
     due = and_(Batch.id == batch_id, Batch.expires_at <= now)
-    with _unit_of_work(session):
+    with unit_of_work(session):
         if _update(session, Batch, due, Batch.status == BATCH_IN_PROGRESS,
                    status=BATCH_FINALIZING, finalizing_at=now, expired_at=now):
             _close_pending(session, batch_id, REQUEST_EXPIRED, EXPIRED_ERROR, now)
@@ -358,7 +357,7 @@ def close_pending(
     session: Session, batch_id: str, status: str, error: dict[str, Any], now: dt.datetime | None = None
 ) -> int:
     """Close the batch's pending requests with status (failed, cancelled or expired) and error; returns how many."""
-    with _unit_of_work(session):
+    with unit_of_work(session):
         return _close_pending(session, batch_id, status, error, now or utcnow())
 
 
@@ -395,7 +394,7 @@ def claim_finalization(
         .returning(Batch.status)
         .execution_options(synchronize_session=False)
     )
-    with _unit_of_work(session):
+    with unit_of_work(session):
         status = session.scalars(stmt).one_or_none()
         if status == BATCH_CANCELLING:
             _close_pending(session, batch_id, REQUEST_CANCELLED, CANCELLED_ERROR, now)
@@ -439,7 +438,7 @@ def complete_finalization(
         BATCH_CANCELLED: Batch.status == BATCH_CANCELLING,
     }[final_status]
     stamp = {BATCH_COMPLETED: {"completed_at": now}, BATCH_CANCELLED: {"cancelled_at": now}}.get(final_status, {})
-    with _unit_of_work(session):
+    with unit_of_work(session):
         if not _update(
             session, Batch, Batch.id == batch_id, Batch.finalizer == finalizer, fits,
             status=final_status, output_file_id=output_file_id, error_file_id=error_file_id,
@@ -459,16 +458,6 @@ def complete_finalization(
 
 
 # --- helpers ------------------------------------------------------------------------------------
-
-
-@contextmanager
-def _unit_of_work(session: Session) -> Iterator[None]:
-    try:
-        yield
-        session.commit()
-    except BaseException:
-        session.rollback()
-        raise
 
 
 def _owned_by(column: Any, owner: str | None) -> ColumnElement[bool]:

@@ -15,7 +15,7 @@ from typing import Any, BinaryIO
 
 from pydantic import BaseModel, ValidationError
 
-from app.errors import describe_validation_errors
+from app.errors import describe_validation_errors, json_kind
 from app.openai_schemas import ChatCompletionRequest, CompletionRequest
 
 CHAT_COMPLETIONS = "/v1/chat/completions"
@@ -163,7 +163,7 @@ def _parse_line(raw: bytes | None, max_line_bytes: int) -> dict[str, Any]:
         raise _Invalid("invalid_json_line", f"the line is not valid JSON: {exc.msg} (at character "
                        f"{exc.pos + 1}); each line must be one JSON object") from None
     if not isinstance(value, dict):
-        raise _Invalid("invalid_json_line", f"each line must be a JSON object, got {_json_kind(value)}")
+        raise _Invalid("invalid_json_line", f"each line must be a JSON object, got {json_kind(value)}")
     if deep and _depth_exceeds(value, MAX_JSON_DEPTH):
         raise _Invalid("invalid_json_line", f"the line's JSON is nested more than {MAX_JSON_DEPTH} "
                        "levels deep")
@@ -196,7 +196,7 @@ def _check_line(raw: bytes | None, schema: type[BaseModel], endpoint: str, seen:
                        "request in the output file", "custom_id")
     if not isinstance(custom_id, str) or not custom_id:
         raise _Invalid("invalid_custom_id", f"custom_id must be a non-empty string, got "
-                       f"{_json_kind(custom_id) if custom_id != '' else 'an empty string'}", "custom_id")
+                       f"{json_kind(custom_id) if custom_id != '' else 'an empty string'}", "custom_id")
     if len(custom_id) > MAX_CUSTOM_ID_CHARS:
         raise _Invalid("invalid_custom_id", f"custom_id must be at most {MAX_CUSTOM_ID_CHARS} characters, "
                        f"got {len(custom_id)}", "custom_id")
@@ -208,13 +208,13 @@ def _check_line(raw: bytes | None, schema: type[BaseModel], endpoint: str, seen:
     method = line.get("method")
     if method != "POST":
         got = f"got {_quoted(method)}" if isinstance(method, str) else (
-            "it is missing" if method is None else f"got {_json_kind(method)}")
+            "it is missing" if method is None else f"got {json_kind(method)}")
         raise _Invalid("invalid_method", f"method must be \"POST\"; {got}", "method")
 
     url = line.get("url")
     if url != endpoint:
         got = f"got {_quoted(url)}" if isinstance(url, str) else (
-            "it is missing" if url is None else f"got {_json_kind(url)}")
+            "it is missing" if url is None else f"got {json_kind(url)}")
         raise _Invalid("mismatched_url", f"url must be the batch's endpoint \"{endpoint}\"; {got}", "url")
 
     request = _parse_body(line.get("body"), schema)
@@ -241,7 +241,7 @@ def _parse_body(body: Any, schema: type[BaseModel]) -> BaseModel:
     if body is None:
         raise _Invalid("invalid_request", "body is required: the request to send to the endpoint", "body")
     if not isinstance(body, dict):
-        raise _Invalid("invalid_request", f"body must be a JSON object, got {_json_kind(body)}", "body")
+        raise _Invalid("invalid_request", f"body must be a JSON object, got {json_kind(body)}", "body")
     try:
         return schema.model_validate(body)
     except ValidationError as exc:
@@ -265,17 +265,3 @@ def _error(code: str, message: str, param: str | None, line: int | None) -> dict
 def _quoted(value: Any) -> str:
     text = json.dumps(value, ensure_ascii=False)
     return text if len(text) <= 80 else text[:77] + '..."'
-
-
-def _json_kind(value: Any) -> str:
-    if isinstance(value, dict):
-        return "an object"
-    if isinstance(value, list):
-        return "an array"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, (int, float)):
-        return "a number"
-    return "null" if value is None else type(value).__name__

@@ -6,6 +6,8 @@ this module; everything backend-specific about connections lives here.
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -94,3 +96,14 @@ def make_session_factory(engine: Engine) -> sessionmaker[Session]:
     # expire_on_commit=False: the store's functions commit and then return ORM objects, which
     # callers read after the session has moved on.
     return sessionmaker(engine, expire_on_commit=False)
+
+
+@contextmanager
+def unit_of_work(session: Session) -> Iterator[None]:
+    """Commit what the block did, or roll it all back if it raised: each store function's one transaction."""
+    try:
+        yield
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise

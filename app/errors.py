@@ -233,7 +233,7 @@ def _describe(error: dict[str, Any]) -> str:
             return "the request body is empty; send a JSON object"
         if isinstance(raw, (bytes, bytearray)):
             return "the request body must be JSON, sent with the header 'Content-Type: application/json'"
-        return f"the request body must be a JSON object, got {_json_kind(raw)}"
+        return f"the request body must be a JSON object, got {json_kind(raw)}"
     where = _path_text(path) if source == "body" else f"{source} parameter {_path_text(path)}"
     if kind == "extra_forbidden":
         return f"{where}: unrecognized request argument; remove it"
@@ -257,7 +257,10 @@ def _shown(value: Any) -> str:
     return f" (got {text})" if len(text) <= 60 else ""
 
 
-def _json_kind(value: Any) -> str:
+def json_kind(value: Any) -> str:
+    """How to name a JSON value's type in a message ("an object", "a string", ...)."""
+    if isinstance(value, dict):
+        return "an object"
     if isinstance(value, list):
         return "an array"
     if isinstance(value, str):

@@ -30,14 +30,12 @@ A worker's side:
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any, Literal
 
 from sqlalchemy import and_, exists, or_, select, update
 from sqlalchemy.orm import Session
 
-from app.db import utcnow
+from app.db import unit_of_work, utcnow
 from app.models import (
     BATCH_IN_PROGRESS,
     REQUEST_CANCELLED,
@@ -69,7 +67,7 @@ def claim_shard(
         and_(BatchShard.status == SHARD_RUNNING, BatchShard.lease_expires_at <= now),
     )
     batch_in_progress = exists().where(Batch.id == batch_id, Batch.status == BATCH_IN_PROGRESS)
-    with _unit_of_work(session):
+    with unit_of_work(session):
         claimed = _update(
             session, _this(batch_id, shard), claimable, batch_in_progress,
             status=SHARD_RUNNING, worker_id=worker_id, lease_expires_at=now + dt.timedelta(seconds=lease_s),
@@ -93,7 +91,7 @@ def renew_shard(
 ) -> bool:
     """Extend the worker's lease to now + lease_s; False if the worker no longer holds the shard."""
     now = now or utcnow()
-    with _unit_of_work(session):
+    with unit_of_work(session):
         return _update(
             session, _this(batch_id, shard), _held_by(worker_id),
             lease_expires_at=now + dt.timedelta(seconds=lease_s), updated_at=now,
@@ -102,7 +100,7 @@ def renew_shard(
 
 def finish_shard(session: Session, batch_id: str, shard: int, worker_id: str, now: dt.datetime | None = None) -> bool:
     """The worker is through with the shard: done. False if it no longer held it."""
-    with _unit_of_work(session):
+    with unit_of_work(session):
         return _update(
             session, _this(batch_id, shard), _held_by(worker_id),
             status=SHARD_DONE, lease_expires_at=None, updated_at=now or utcnow(),
@@ -111,7 +109,7 @@ def finish_shard(session: Session, batch_id: str, shard: int, worker_id: str, no
 
 def release_shard(session: Session, batch_id: str, shard: int, worker_id: str, now: dt.datetime | None = None) -> bool:
     """Give the shard back, queued (a worker shutting down gracefully); False if it no longer held it."""
-    with _unit_of_work(session):
+    with unit_of_work(session):
         return _update(
             session, _this(batch_id, shard), _held_by(worker_id),
             status=SHARD_QUEUED, worker_id=None, lease_expires_at=None, updated_at=now or utcnow(),
@@ -147,7 +145,7 @@ def record_results(session: Session, results: list[dict[str, Any]]) -> int:
         if result["status"] not in RESULT_STATUSES:
             raise ValueError(f"a result's status is one of {sorted(RESULT_STATUSES)}, not {result['status']!r}")
     written = 0
-    with _unit_of_work(session):
+    with unit_of_work(session):
         for result in results:
             written += _update_requests(
                 session, BatchRequest.id == result["request_pk"], BatchRequest.status == REQUEST_PENDING,
@@ -189,7 +187,7 @@ def requeue_shard(session: Session, batch_id: str, shard: int, now: dt.datetime 
     """Put a shard whose lease has run out back in the queue; True for exactly one of several
     recovering gateways, which then sends its task again. False if the shard is no longer so."""
     now = now or utcnow()
-    with _unit_of_work(session):
+    with unit_of_work(session):
         return _update(
             session, _this(batch_id, shard), BatchShard.status == SHARD_RUNNING, BatchShard.lease_expires_at <= now,
             status=SHARD_QUEUED, worker_id=None, lease_expires_at=None, updated_at=now,
@@ -197,16 +195,6 @@ def requeue_shard(session: Session, batch_id: str, shard: int, now: dt.datetime 
 
 
 # --- helpers ------------------------------------------------------------------------------------
-
-
-@contextmanager
-def _unit_of_work(session: Session) -> Iterator[None]:
-    try:
-        yield
-        session.commit()
-    except BaseException:
-        session.rollback()
-        raise
 
 
 def _this(batch_id: str, shard: int) -> Any:
