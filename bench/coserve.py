@@ -107,12 +107,16 @@ def _parse_args() -> argparse.Namespace:
     p.add_argument("--dedicated-policy", choices=("fcfs", "priority", "conserve"), default="fcfs",
                    help="policy of the offline-only run (fcfs: plain continuous batching, no co-serving costs)")
     p.add_argument("--skip-dedicated", action="store_true", help="no offline-only run")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                   help="auto (default): bfloat16 where the CPU computes it natively (AVX-512 BF16, AMX), else float32")
     args = p.parse_args()
     if args.duration <= 0 or args.drain < 0 or args.burstiness <= 0 or not 0 < args.online_load:
         p.error("--duration, --burstiness and --online-load must be > 0, --drain >= 0")
     if args.calibration_requests < 1 and args.online_rate is None:
         p.error("--calibration-requests must be >= 1")
+    if args.dtype == "auto":  # resolved once here, so every system and every run uses the same dtype
+        from engine.config import auto_dtype_name
+        args.dtype = auto_dtype_name("cpu")
     args.policies = [x for x in POLICIES if x in args.policies]  # the table's order
     return args
 

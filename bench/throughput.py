@@ -133,7 +133,8 @@ def _parse_args() -> argparse.Namespace:
     p.add_argument("--num-prompts", type=int, default=64)
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=128)
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                   help="auto (default): bfloat16 where the CPU computes it natively (AVX-512 BF16, AMX), else float32")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per system; the median is reported")
     p.add_argument("--vllm-python", help="python of an environment with vLLM (see shared/tools/vllm-peer-setup.sh)")
     p.add_argument("--vllm-model", help="HF model directory for vLLM (default: smollm2-hf beside that venv)")
@@ -142,6 +143,9 @@ def _parse_args() -> argparse.Namespace:
     args = p.parse_args()
     if min(args.num_prompts, args.input_len, args.output_len, args.repeats) < 1:
         p.error("--num-prompts, --input-len, --output-len and --repeats must be >= 1")
+    if args.dtype == "auto":  # resolved once here, so every system and every run uses the same dtype
+        from engine.config import auto_dtype_name
+        args.dtype = auto_dtype_name("cpu")
     return args
 
 

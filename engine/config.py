@@ -14,7 +14,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 @dataclass
 class EngineConfig:
     model: str | Path | None = None    # HF directory or .gguf file; None is the bundled SmolLM2
-    dtype: str = "bfloat16"
+    dtype: str = "auto"                # "auto": bfloat16 where the device computes it natively, else float32
     device: str | None = None          # "cpu", "cuda", "cuda:N"; None picks CUDA when present
     block_size: int = 16
     num_kv_blocks: int | None = None   # KV pool size in blocks; else from kv_cache_bytes / free GPU memory
@@ -67,10 +67,12 @@ class EngineConfig:
                 f"online_reserve_fraction must be in [0, 1), got {self.online_reserve_fraction!r}")
 
     def torch_dtype(self) -> torch.dtype:
+        if self.dtype == "auto":
+            return auto_dtype(self.torch_device())
         try:
             return DTYPES[self.dtype]
         except KeyError:
-            raise InvalidRequestError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}") from None
+            raise InvalidRequestError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {self.dtype!r}") from None
 
     def torch_device(self) -> torch.device:
         if self.device is None:
@@ -82,3 +84,27 @@ class EngineConfig:
         if device.type == "cuda" and not torch.cuda.is_available():
             raise InvalidRequestError(f"device {self.device!r} asked for, but this torch sees no CUDA device")
         return device
+
+
+def auto_dtype(device: torch.device) -> torch.dtype:
+    """bfloat16 where the hardware computes in it, float32 where bfloat16 would only be emulated.
+
+    A CPU without AVX-512 BF16 or AMX widens every bfloat16 operand in software: on a 2-core AVX2 EPYC,
+    a bfloat16 matrix product ran 6x slower than float32 (15 against 95 GFLOP/s) and the bundled model
+    generated 24 tokens/s against 84 in float32, whereas on an AVX-512 BF16 Xeon bfloat16 was the faster."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu" and cpu_has_native_bfloat16():
+        return torch.bfloat16
+    return torch.float32
+
+
+def auto_dtype_name(device: str) -> str:
+    """What "auto" resolves to on a device, by name ("bfloat16", "float32", ...)."""
+    return str(auto_dtype(torch.device(device))).removeprefix("torch.")
+
+
+def cpu_has_native_bfloat16() -> bool:
+    cpu = getattr(torch, "cpu", None)
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(cpu, name, lambda: False)() for name in checks)

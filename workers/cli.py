@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 
 BAD_INPUT_EXIT = 2
-DTYPES = ("float32", "bfloat16")
+DTYPES = ("auto", "float32", "bfloat16")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -40,7 +40,7 @@ def _build_parser() -> argparse.ArgumentParser:
     # float32 by default: one chat is latency-bound, not throughput-bound, and float32 gives the model's
     # exact answers (bfloat16 rounding can flip near-tied tokens: SmolLM2 then names the wrong capital).
     chat.add_argument("--dtype", choices=DTYPES, default="float32",
-                      help="weight and compute dtype (default float32; bfloat16 is faster for big batches)")
+                      help="weight and compute dtype (default float32; bfloat16 is faster for big batches on CPUs with AVX-512 BF16 or AMX and on GPUs; auto picks it there)")
     chat.add_argument("--model", type=_existing_path, default=None,
                       help="a Hugging Face model directory or a .gguf file (default: bundled SmolLM2-135M-Instruct)")
     chat.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: CUDA when present, else CPU)")

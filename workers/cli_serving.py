@@ -53,7 +53,9 @@ def _engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="a Hugging Face model directory or .gguf file (default: bundled SmolLM2-135M-Instruct)")
     p.add_argument("--served-model-name", help="the model name clients ask for (default: the model's own)")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: CUDA when present)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="default bfloat16 for `worker`, float32 for `serve`")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"),
+                   help="default for `worker`: auto (bfloat16 where the device computes it natively, else float32); "
+                        "float32 for `serve`")
     p.add_argument("--policy", choices=("conserve", "priority", "fcfs", "online-only"), help="default conserve")
     p.add_argument("--slo-ttft-ms", type=float, help="online time-to-first-token target (default 1000)")
     p.add_argument("--slo-tpot-ms", type=float, help="online time-per-output-token target (default 100)")

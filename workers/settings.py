@@ -29,7 +29,7 @@ class WorkerSettings(BaseSettings):
     model: str | None = None              # HF directory or .gguf file; None: the bundled SmolLM2-135M-Instruct
     served_model_name: str | None = None  # the name clients ask for (default: the model's own name)
     device: str | None = None             # cpu, cuda, cuda:N (default: CUDA when present)
-    dtype: str = "bfloat16"
+    dtype: str = "auto"                   # bfloat16 where the device computes it natively, else float32
     policy: str = "conserve"
     slo_ttft_ms: float = 1000.0
     slo_tpot_ms: float = 100.0
