@@ -1,4 +1,5 @@
-"""Prepacked bf16 linear layers give exactly what F.linear gives, for every batch size a step can have."""
+"""Prepacked linear layers: bfloat16 exactly what F.linear gives, float32 within rounding of it, and a
+row's result independent of the rows batched with it (the engine's batched and lone outputs match)."""
 from __future__ import annotations
 
 import pytest
@@ -10,6 +11,7 @@ from engine.linear import Linear
 # oneDNN packs bfloat16 weights only on CPUs with AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT; elsewhere
 # Linear must fall back to F.linear, with the same results.
 ONEDNN_BF16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+ONEDNN = torch.backends.mkldnn.is_available()
 
 
 @pytest.mark.parametrize("rows", [1, 7, 64, 300])
@@ -23,8 +25,23 @@ def test_prepacked_bf16_linear_equals_f_linear(rows):
     assert torch.equal(layer(x), F.linear(x, weight))
 
 
-def test_float32_linear_is_not_repacked():
-    weight = torch.randn(8, 4)
+@pytest.mark.parametrize("rows", [1, 7, 64, 300])
+def test_float32_linear_is_prepacked_and_within_rounding_of_f_linear(rows):
+    torch.manual_seed(rows)
+    weight = torch.randn(3072, 576)
     layer = Linear(weight)
-    x = torch.randn(3, 4)
-    assert layer._packed is None and torch.equal(layer(x), F.linear(x, weight))
+    assert (layer._packed is not None) == ONEDNN
+    x = torch.randn(rows, 576)
+    ours, reference = layer(x), F.linear(x, weight)
+    # Sums of 576 products of magnitude ~1: float32 rounding in another order moves them by ~1e-5.
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_rows_result_does_not_depend_on_the_rows_beside_it(dtype):
+    torch.manual_seed(0)
+    layer = Linear(torch.randn(960, 576, dtype=dtype))
+    x = torch.randn(300, 576, dtype=dtype)
+    batched = layer(x)
+    for rows in (1, 7, 64):
+        assert torch.equal(layer(x[:rows]), batched[:rows])
