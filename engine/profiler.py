@@ -21,6 +21,7 @@ import torch
 
 from engine.cost_model import Chunks, CostModel, Sample
 from engine.kv_cache import BlockPool
+from engine.tokenizer_cache import cache_root
 from engine.model_runner import ModelRunner
 from engine.request import Request, RequestClass
 from engine.sampling_params import SamplingParams
@@ -162,8 +163,7 @@ def _cpu_name() -> str:
 
 
 def default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "conserve" / "profiles"
+    return cache_root() / "profiles"
 
 
 # A fit worse than this on its own samples means the profile ran while something else held the cores

@@ -71,8 +71,11 @@ class Tokenizer:
             from engine.weights_gguf import gguf_metadata, open_gguf
 
             metadata = gguf_metadata(open_gguf(path))
+        from engine.tokenizer_cache import cached_gguf_tokenizer
+
         try:
-            hf = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
+            hf = cached_gguf_tokenizer(path, lambda: AutoTokenizer.from_pretrained(
+                str(path.parent), gguf_file=path.name, local_files_only=True))
         except (OSError, ValueError, KeyError, NotImplementedError) as e:
             raise ModelLoadError(f"cannot build a tokenizer from {path}: {e}") from e
         template = metadata.get("tokenizer.chat_template")

@@ -6,6 +6,7 @@ import json
 import pytest
 
 from engine.errors import InvalidRequestError
+from engine.bundled import default_model_path
 from engine.tokenizer import Tokenizer
 
 TEXT = "Héllo wörld! 你好，世界。 Emoji: 🎉👍🏽 — naïve café, ½ ∑ 𝔘𝔫𝔦𝔠𝔬𝔡𝔢\n\tindented"
@@ -115,3 +116,24 @@ def test_template_exceptions_are_invalid_requests(tmp_path):
     tok = Tokenizer.from_hf_dir(tmp_path)
     with pytest.raises(InvalidRequestError, match="first must be user"):
         tok.apply_chat_template([{"role": "assistant", "content": "hello"}])
+
+
+def test_gguf_tokenizer_cached_on_disk_behaves_as_the_freshly_converted_one(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    path = default_model_path()
+    converted = Tokenizer.from_gguf(path)  # an empty cache: converts, then saves
+    [entry] = (tmp_path / "conserve" / "tokenizers").iterdir()
+    assert (entry / "tokenizer.json").is_file()
+    cached = Tokenizer.from_gguf(path)
+    assert cached._hf.name_or_path == str(entry)  # really read back from the cache
+
+    text = "Lighthouses: ünïcödé, emoji 🚢, code `x = 1`\n\tand <|im_end|> inside text."
+    assert cached.encode(text) == converted.encode(text)
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": text}]
+    assert cached.apply_chat_template(chat) == converted.apply_chat_template(chat)
+    assert cached.eos_token_ids == converted.eos_token_ids
+    assert (cached.vocab_size, cached.bos_token_id, cached.all_special_ids) == (
+        converted.vocab_size, converted.bos_token_id, converted.all_special_ids)
+    ids = converted.encode(text)
+    assert cached.decode(ids) == converted.decode(ids)
+    assert cached.decode(ids, skip_special_tokens=False) == converted.decode(ids, skip_special_tokens=False) == text
