@@ -19,9 +19,9 @@ from typing import Callable
 
 import torch
 
+from engine.cache_dir import cache_root
 from engine.cost_model import Chunks, CostModel, Sample
 from engine.kv_cache import BlockPool
-from engine.tokenizer_cache import cache_root
 from engine.model_runner import ModelRunner
 from engine.request import Request, RequestClass
 from engine.sampling_params import SamplingParams

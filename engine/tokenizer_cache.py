@@ -13,16 +13,12 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
+from engine.cache_dir import cache_root
+
 log = logging.getLogger(__name__)
 
 # Part of every entry's key: bump it when what is saved changes.
 _FORMAT = 1
-
-
-def cache_root() -> Path:
-    """Where ConServe keeps what it derives from models (profiles, converted tokenizers)."""
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "conserve"
 
 
 def cached_gguf_tokenizer(path: Path, convert: Callable[[], Any]) -> Any:

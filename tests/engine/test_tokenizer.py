@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from engine.errors import InvalidRequestError
 from engine.bundled import default_model_path
+from engine.errors import InvalidRequestError
 from engine.tokenizer import Tokenizer
 
 TEXT = "Héllo wörld! 你好，世界。 Emoji: 🎉👍🏽 — naïve café, ½ ∑ 𝔘𝔫𝔦𝔠𝔬𝔡𝔢\n\tindented"
