@@ -1,6 +1,7 @@
 """Attention over the paged KV cache: the backend interface, the metadata a step hands it, and the PyTorch backend."""
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
@@ -130,15 +131,23 @@ class TorchAttentionBackend(AttentionBackend):
         kvh, g, d = self.num_kv_heads, self.group, self.head_dim
         qg = q.view(n, t, kvh, g, d).permute(2, 0, 3, 1, 4)          # [kvh, n, g, t, d]
         context = keys.shape[2]
+        # bmm on 3-d views: torch.matmul on the 4-d ones measured 1.5x slower for decode batches (it
+        # copies the transposed keys to fold the batch dimensions).
+        keys_t = keys.view(kvh * n, context, d).transpose(1, 2)
+        values = values.view(kvh * n, context, d)
+        # Scores may stay in q's dtype through the scaling and masking when the scale is a power of two
+        # (head_dim 64: 1/8), which no dtype rounds; otherwise the bias, in float32, widens them first.
+        exact = math.frexp(self.scale)[0] == 0.5
         step = max(1, min(t, self.max_score_bytes // max(1, 4 * kvh * n * g * context)))
         outs = []
         for lo in range(0, t, step):
             hi = min(t, lo + step)
-            qs = qg[:, :, :, lo:hi].reshape(kvh, n, g * (hi - lo), d)
-            scores = torch.matmul(qs, keys.transpose(-1, -2)).view(kvh, n, g, hi - lo, context)
-            # One op scales, masks and widens to float32 (the bias is float32) for the softmax.
-            scores = torch.add(bias[lo:hi] if bias.dim() == 2 else bias, scores, alpha=self.scale)
-            probs = scores.softmax(dim=-1).to(q.dtype).view(kvh, n, g * (hi - lo), context)
-            outs.append(torch.matmul(probs, values).view(kvh, n, g, hi - lo, d))
+            qs = qg[:, :, :, lo:hi].reshape(kvh * n, g * (hi - lo), d)
+            scores = torch.bmm(qs, keys_t).view(kvh, n, g, hi - lo, context)
+            b = bias[lo:hi] if bias.dim() == 2 else bias
+            # One op scales, masks and (unless exact) widens to float32 for the softmax.
+            scores = torch.add(b.to(q.dtype) if exact else b, scores, alpha=self.scale)
+            probs = scores.softmax(dim=-1).to(q.dtype).view(kvh * n, g * (hi - lo), context)
+            outs.append(torch.bmm(probs, values).view(kvh, n, g, hi - lo, d))
         out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=3)
         return out.permute(1, 3, 0, 2, 4).reshape(n * t, self.num_heads * d)

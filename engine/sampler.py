@@ -7,17 +7,18 @@ from engine.request import Request
 
 
 def sample(logits: torch.Tensor, requests: list[Request]) -> list[int]:
-    """logits [B, vocab] float32, one row per request, in order."""
+    """logits [B, vocab] in the model's dtype, one row per request, in order."""
     _ban_early_stops(logits, requests)
     if all(r.params.greedy for r in requests):
-        return logits.argmax(dim=-1).tolist()
-    # Random draws happen on the CPU, where each seeded request's generator lives.
-    logits = logits.cpu()
+        return _greedy(logits).tolist()
+    # Random draws happen on the CPU, where each seeded request's generator lives; in float32, so that
+    # temperature, top-p sums and the draw do not round to bfloat16.
+    logits = logits.cpu().float()
     tokens = torch.empty(len(requests), dtype=torch.long)
     greedy = [i for i, r in enumerate(requests) if r.params.greedy]
     random = [i for i, r in enumerate(requests) if not r.params.greedy]
     if greedy:
-        tokens[greedy] = logits[greedy].argmax(dim=-1)
+        tokens[greedy] = _greedy(logits[greedy])
     probs = _filtered_probs(logits[random], [requests[i] for i in random])
     # Gumbel-style sampling (argmax of p / Exp(1)) is a multinomial draw. A seeded request draws its
     # noise from its own generator, so its tokens repeat whatever it is batched with; the others
@@ -28,6 +29,12 @@ def sample(logits: torch.Tensor, requests: list[Request]) -> list[int]:
             noise[row].exponential_(generator=requests[i].generator)
     tokens[random] = (probs / noise).argmax(dim=-1)
     return tokens.tolist()
+
+
+def _greedy(logits: torch.Tensor) -> torch.Tensor:
+    """The index of each row's largest logit, the first among equals (as argmax). max(dim) rather than
+    argmax: on bfloat16 CPU logits argmax took 5.8 ms for a batch of 64 rows, max 1.4 ms."""
+    return logits.max(dim=-1).indices
 
 
 def _ban_early_stops(logits: torch.Tensor, requests: list[Request]) -> None:
