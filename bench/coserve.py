@@ -16,6 +16,7 @@ few sample requests at the start, one at a time, policy online-only); the arriva
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import multiprocessing
 import os
@@ -50,6 +51,9 @@ WINDOW_COUNTERS = ("recomputed_tokens", "layer_yields", "discarded_tokens", "che
 
 def main() -> int:
     args = _parse_args()
+    if importlib.util.find_spec("matplotlib") is None:  # say so now, not after the whole run
+        sys.exit("bench/coserve.py draws its plot with matplotlib, which is not installed: run "
+                 "`make bench-coserve`, or `pip install -e '.[bench]'` first")
     result: dict = {"policies": {}}
     # Every engine lives in a fresh process, so nothing one leaves behind in process-wide state (torch's
     # thread count, allocator, threads) can change the next policy's figures.
