@@ -20,8 +20,8 @@ class PrefillGroup:
     # Rows to gather for the sequences' context (see AttentionMetadata.decode_blocks), or None when
     # the chunk is the whole context so far: then the chunk's own keys and values are used directly.
     context_blocks: torch.Tensor | None
-    # [chunk_len, keys] float32: 0 where a query may look, -inf where it may not (later positions, and
-    # the padding of the last gathered block).
+    # [chunk_len, keys], in the backend's bias_dtype: 0 where a query may look, -inf where it may not
+    # (later positions, and the padding of the last gathered block).
     bias: torch.Tensor
 
 
@@ -46,6 +46,10 @@ class AttentionBackend(ABC):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_cache: torch.Tensor,
                 value_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """q [N, heads, d], k and v [N, kv_heads, d]; caches [kv_heads, slots, d] -> output [N, heads * d]."""
+
+    def bias_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """The dtype the step's masks (AttentionMetadata's biases) are built in, for a model in `dtype`."""
+        return torch.float32
 
 
 class TorchAttentionBackend(AttentionBackend):
@@ -73,6 +77,12 @@ class TorchAttentionBackend(AttentionBackend):
         self.group = num_heads // num_kv_heads
         self.head_dim = head_dim
         self.scale = head_dim ** -0.5
+        # Scores may stay in the model's dtype through scaling and masking when the scale is a power of two
+        # (head_dim 64: 1/8), which no dtype rounds; otherwise a float32 mask widens them first.
+        self._exact_scale = math.frexp(self.scale)[0] == 0.5
+
+    def bias_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        return dtype if self._exact_scale else torch.float32
 
     def forward(self, q, k, v, key_cache, value_cache, meta):
         key_cache.index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
@@ -135,9 +145,6 @@ class TorchAttentionBackend(AttentionBackend):
         # copies the transposed keys to fold the batch dimensions).
         keys_t = keys.view(kvh * n, context, d).transpose(1, 2)
         values = values.view(kvh * n, context, d)
-        # Scores may stay in q's dtype through the scaling and masking when the scale is a power of two
-        # (head_dim 64: 1/8), which no dtype rounds; otherwise the bias, in float32, widens them first.
-        exact = math.frexp(self.scale)[0] == 0.5
         step = max(1, min(t, self.max_score_bytes // max(1, 4 * kvh * n * g * context)))
         outs = []
         for lo in range(0, t, step):
@@ -145,8 +152,8 @@ class TorchAttentionBackend(AttentionBackend):
             qs = qg[:, :, :, lo:hi].reshape(kvh * n, g * (hi - lo), d)
             scores = torch.bmm(qs, keys_t).view(kvh, n, g, hi - lo, context)
             b = bias[lo:hi] if bias.dim() == 2 else bias
-            # One op scales, masks and (unless exact) widens to float32 for the softmax.
-            scores = torch.add(b.to(q.dtype) if exact else b, scores, alpha=self.scale)
+            # One op scales, masks and (with a float32 bias) widens to float32 for the softmax.
+            scores = torch.add(b, scores, alpha=self.scale)
             probs = scores.softmax(dim=-1).to(q.dtype).view(kvh * n, g * (hi - lo), context)
             outs.append(torch.bmm(probs, values).view(kvh, n, g, hi - lo, d))
         out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=3)

@@ -43,6 +43,7 @@ class ModelRunner:
         # Row offsets of each KV head's blocks in a cache viewed as [kv_heads * num_blocks, ...].
         self._head_offsets = (torch.arange(num_kv_heads, device=device) * kv_cache.num_blocks).unsqueeze(1)
         self.device = device
+        self._bias_dtype = model.backend.bias_dtype(kv_cache.keys[0].dtype)
 
     @torch.inference_mode()
     def execute(self, chunks: list[ScheduledChunk],
@@ -131,4 +132,4 @@ class ModelRunner:
         return (self._head_offsets + flat).flatten(), width * self.block_size
 
     def _bias(self, hidden: torch.Tensor) -> torch.Tensor:
-        return torch.zeros(hidden.shape, device=self.device).masked_fill_(hidden, float("-inf"))
+        return torch.zeros(hidden.shape, dtype=self._bias_dtype, device=self.device).masked_fill_(hidden, float("-inf"))

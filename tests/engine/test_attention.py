@@ -18,7 +18,8 @@ CONFIG = ModelConfig(vocab_size=64, hidden_size=HEADS * HEAD_DIM, intermediate_s
 
 
 class _NoModel:
-    """ModelRunner.prepare needs no model; only the cache geometry."""
+    """ModelRunner.prepare needs no model; only the cache geometry and the backend's mask dtype."""
+    backend = TorchAttentionBackend(HEADS, KV_HEADS, HEAD_DIM, BLOCK)
 
 
 def reference_attention(q, keys, values, first_pos):
@@ -86,3 +87,20 @@ def test_paged_attention_matches_reference_for_mixed_batch(max_score_bytes, sdpa
         i = index[id(req)]
         expected = reference_attention(q_all[id(req)][pos:pos + 1], full_k[i][:pos + 1], full_v[i][:pos + 1], pos)
         torch.testing.assert_close(out[row:row + 1], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_masks_stay_in_bfloat16_only_where_that_changes_no_score():
+    """With head_dim 64 the scale (1/8) is exact in any dtype, so bfloat16 scores masked by a bfloat16 bias
+    give bit for bit what a float32 bias gives; other head sizes keep the float32 mask."""
+    assert TorchAttentionBackend(9, 3, 64, 16).bias_dtype(torch.bfloat16) == torch.bfloat16
+    assert TorchAttentionBackend(32, 8, 128, 16).bias_dtype(torch.bfloat16) == torch.float32
+    assert TorchAttentionBackend(9, 3, 64, 16).bias_dtype(torch.float32) == torch.float32
+    torch.manual_seed(0)
+    backend = TorchAttentionBackend(9, 3, 64, 16)
+    n, t, context = 3, 5, 48
+    q = torch.randn(n * t, 9, 64).mul(3).to(torch.bfloat16)
+    keys, values = (torch.randn(3, n, context, 64).to(torch.bfloat16) for _ in range(2))
+    hidden = torch.arange(context).unsqueeze(0) > torch.arange(40, 40 + t).unsqueeze(1)
+    mask32 = torch.zeros(t, context).masked_fill_(hidden, float("-inf"))
+    exact = backend._attend(q, n, t, keys, values, mask32.to(torch.bfloat16))
+    assert torch.equal(exact, backend._attend(q, n, t, keys, values, mask32))
