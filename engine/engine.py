@@ -392,14 +392,18 @@ class Engine:
                 st.generation_tokens_by_class[req.request_class.value] += 1
             st.restored_tokens += restored_tokens
             st.num_preemptions = self.scheduler.num_preemptions
-            if self.checkpointer is not None:
-                cs = self.checkpointer.stats
-                st.checkpointed_tokens, st.checkpoint_store_full = cs.checkpointed_tokens, cs.store_full
-                st.checkpoint_usage = self.checkpointer.usage()
             self._refresh_counts(st)  # admissions and preemptions; _finish refreshes for each finish
         for req, token in result:
             if req.request_id in self._live:
                 self._emit_token(req, token, now)
+        if self.checkpointer is not None:
+            copying = time.monotonic()
+            self.checkpointer.flush()  # the CPU's copies, once the tokens are out (no-op on CUDA)
+            with self._lock:
+                st.busy_seconds += time.monotonic() - copying
+                cs = self.checkpointer.stats
+                st.checkpointed_tokens, st.checkpoint_store_full = cs.checkpointed_tokens, cs.store_full
+                st.checkpoint_usage = self.checkpointer.usage()
         return True
 
     def _commit(self, chunk: ScheduledChunk, st: EngineStats) -> tuple[int, int]:
