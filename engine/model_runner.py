@@ -20,6 +20,8 @@ class StepBatch:
     meta: AttentionMetadata
     logits_indices: torch.Tensor
     sampling_requests: list[Request]
+    # Each chunk with the batch row its tokens start at (prepare() reorders chunks: decodes first).
+    chunk_rows: list[tuple[ScheduledChunk, int]]
 
 
 @dataclass
@@ -54,6 +56,17 @@ class ModelRunner:
         return self._run(chunks, self.prepare(chunks), safepoint, None)
 
     @torch.inference_mode()
+    def shed(self, parked: ParkedStep, keep: list[ScheduledChunk]) -> list[tuple[Request, int]]:
+        """Finish a parked step for `keep` (some of its chunks) alone, from the layer it stopped at: their
+        hidden rows go on through the remaining layers, the other chunks' rows are dropped (nothing of
+        theirs was committed; their requests run again)."""
+        batch = self.prepare(keep)
+        old_start = {id(c): row for c, row in parked.batch.chunk_rows}
+        rows = [old_start[id(c)] + j for c, _ in batch.chunk_rows for j in range(c.num_tokens)]
+        hidden = parked.state.hidden.index_select(0, torch.tensor(rows, device=self.device))
+        return self._run(keep, batch, None, Parked(parked.state.layer, hidden))
+
+    @torch.inference_mode()
     def resume(self, parked: ParkedStep,
                safepoint: Safepoint | None = None) -> list[tuple[Request, int]] | ParkedStep:
         """Finish a parked step from the layer it stopped at (it may stop again at a later layer)."""
@@ -83,7 +96,9 @@ class ModelRunner:
         slots: list[int] = []
         logits_indices: list[int] = []
         sampling: list[Request] = []
+        chunk_rows: list[tuple[ScheduledChunk, int]] = []
         for c in ordered:
+            chunk_rows.append((c, len(input_ids)))
             req, start = c.request, c.request.num_computed_tokens
             end = start + c.num_tokens
             input_ids.extend(req.token_ids[start:end])
@@ -121,6 +136,7 @@ class ModelRunner:
             meta=meta,
             logits_indices=torch.tensor(logits_indices, device=dev, dtype=torch.long),
             sampling_requests=sampling,
+            chunk_rows=chunk_rows,
         )
 
     def _block_tables(self, requests: list[Request], context_lens: list[int]) -> tuple[torch.Tensor, int]:

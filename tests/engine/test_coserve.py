@@ -89,11 +89,34 @@ def test_layer_wise_yields_leave_every_output_identical(deep, expected, mode):
         stats = engine.stats()
     assert [o.token_ids for o in offline_out] == [expected[tuple(p)] for p in OFFLINE_PROMPTS]
     assert [o.token_ids for o in online_out] == [expected[tuple(p)] for p in ONLINE_PROMPTS[:len(online_out)]]
-    # "park" stops any step with offline work, so every planned arrival happens; "discard" only stops
-    # steps without online work, and the offline work is done before the later arrivals come due.
-    assert len(online_out) == (len(ONLINE_PROMPTS) if mode == "park" else 2)
+    # Both modes stop every step with offline work, those beside online decodes included ("discard"
+    # finishes their online rows alone), so every planned arrival happens.
+    assert len(online_out) == len(ONLINE_PROMPTS)
     assert stats.layer_yields == len(online_out)
     assert (stats.discarded_tokens > 0) == (mode == "discard")
+    assert engine.pool.num_free == engine.pool.num_blocks
+
+
+def test_discard_finishes_the_online_rows_of_a_step_it_stops(deep, expected):
+    """An arrival during a step carrying online decodes beside offline work: "discard" drops the offline
+    rows at that safepoint and finishes the online ones from there, so the requests decoding in it keep
+    their tokens; every output is still transformers' greedy one."""
+    with deep.engine(preemption_mode="discard", max_num_batched_tokens=64) as engine:
+        sheds = []
+        shed = engine.runner.shed
+
+        def recording_shed(parked, keep):
+            sheds.append(([c.request.online for c in parked.chunks], [c.request.online for c in keep]))
+            return shed(parked, keep)
+
+        engine.runner.shed = recording_shed
+        offline_out, online_out, arrivals = run_mixed(engine, at_layers=[2, 4, 1, 5])
+    assert [o.token_ids for o in offline_out] == [expected[tuple(p)] for p in OFFLINE_PROMPTS]
+    assert [o.token_ids for o in online_out] == [expected[tuple(p)] for p in ONLINE_PROMPTS]
+    assert sheds, "no step mixing online decodes with offline work was stopped"
+    for planned, kept in sheds:
+        assert False in planned and True in planned
+        assert kept == [True] * planned.count(True)
     assert engine.pool.num_free == engine.pool.num_blocks
 
 
@@ -120,7 +143,9 @@ def test_an_online_arrival_stops_an_offline_prefill_at_the_next_safepoint(deep):
 def test_every_policy_generates_the_same_tokens_under_memory_pressure(deep, expected, policy):
     """A pool too small for all offline requests at once: they are admitted as blocks allow, evicted
     for online arrivals, and restored or recomputed, yet every output is transformers' greedy one."""
-    with deep.engine(policy=policy, num_kv_blocks=40, max_num_batched_tokens=32) as engine:
+    # 32 blocks: small enough that every class-aware policy evicts (with 40, conserve's arrivals, which
+    # now also stop steps beside online decodes, came before the pool ran short)
+    with deep.engine(policy=policy, num_kv_blocks=32, max_num_batched_tokens=32) as engine:
         offline_out, online_out, _ = run_mixed(engine, at_rounds=[3, 6, 9, 12])
         stats = engine.stats()
     assert [o.token_ids for o in offline_out] == [expected[tuple(p)] for p in OFFLINE_PROMPTS]
