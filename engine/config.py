@@ -30,7 +30,8 @@ class EngineConfig:
     slo_tpot_ms: float = 100.0         # online time-per-output-token target: caps the predicted step time
                                        # of steps that carry offline tokens beside online decodes
     offline_max_batched_tokens: int | None = None  # budget of steps with no online work (default: max_num_batched_tokens)
-    # Layer-wise preemption: "discard" the stopped step or "park" its hidden state. discard measured better
+    # Layer-wise preemption: "discard" the stopped step's offline work (its online rows finish alone) or
+    # "park" its hidden state. discard measured better
     # on 2 cores (bench/coserve.py): parked steps resumed beside new online work delayed its decodes.
     preemption_mode: str = "discard"
     checkpoint_bytes: int | None = None  # host KV checkpoint store; default: twice the device pool, at most 40% of RAM; 0 = off
