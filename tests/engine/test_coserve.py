@@ -230,7 +230,14 @@ def test_a_parked_step_holding_the_blocks_an_arrival_needs_is_dropped_for_it(dee
     with deep.engine(num_kv_blocks=28, max_num_batched_tokens=256, preemption_mode="park") as engine:
         arrivals = ArrivalsAtSafepoints(engine, at_layers=[2])
         arrivals.prompts = [prompt_of(20, seed=7)]
+        # Hold the engine's steps until all three are queued, so that they share the first step (the
+        # engine thread otherwise sometimes started a step with the first alone, which left blocks free).
+        gate, has_work = threading.Event(), engine.scheduler.has_work
+        engine.scheduler.has_work = lambda: gate.is_set() and has_work()
         offline = [engine.submit(p, GREEDY, "offline") for p in prompts]
+        gate.set()
+        with engine._wake:
+            engine._wake.notify()
         while not arrivals.streams:
             threading.Event().wait(0.01)
         online = arrivals.streams[0].final()
