@@ -8,7 +8,7 @@ steps. On the CPU they run on the engine thread right after each step has handed
 (flush()): there the "device" is host memory and the engine's threads already keep every core busy, so a
 copy thread only competes with them. Measured on 2 cores: an online prefill step that ran while the
 background thread copied the previous offline step's KV took 197 ms against 167 ms with no checkpointing,
-and 160-184 ms with the copies done between steps, which cost 1-3 ms a step.
+and 166-180 ms with the copies done between steps.
 
 A copy that races with an eviction is thrown away: the request's kv_generation changes before its blocks
 are freed, and a copy only counts if the generation it started under is still current when it ends, i.e.
