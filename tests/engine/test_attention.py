@@ -45,7 +45,7 @@ def make_request(i: int, length: int, cached: int, pool: BlockPool) -> Request:
 @pytest.mark.parametrize("max_score_bytes, sdpa_min_chunk", [
     (64 << 20, 1 << 20),  # continued prefill chunks on the matmul path
     (256, 1 << 20),       # tiny score budget: query slicing
-    (64 << 20, 2),        # continued prefill chunks on scaled_dot_product_attention
+    (64 << 20, 2),        # the fresh prefill on scaled_dot_product_attention (is_causal)
 ])
 def test_paged_attention_matches_reference_for_mixed_batch(max_score_bytes, sdpa_min_chunk, monkeypatch):
     torch.manual_seed(0)
