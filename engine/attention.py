@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from engine.decode_mirror import MirrorPlan
+
 
 @dataclass
 class PrefillGroup:
@@ -36,6 +38,9 @@ class AttentionMetadata:
     # [kv_heads * num_blocks, block_size * d], head-major: [kv_heads * num_decodes * blocks].
     decode_blocks: torch.Tensor | None = None
     decode_bias: torch.Tensor | None = None    # [1, num_decodes, 1, 1, blocks * block_size]: -inf on padding
+    # Set when the decodes read their context from the decode mirror (engine/decode_mirror.py) instead of
+    # gathering it by decode_blocks (then None).
+    mirror: MirrorPlan | None = None
     prefill_groups: list[PrefillGroup] = field(default_factory=list)
 
 
@@ -44,8 +49,9 @@ class AttentionBackend(ABC):
 
     @abstractmethod
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_cache: torch.Tensor,
-                value_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """q [N, heads, d], k and v [N, kv_heads, d]; caches [kv_heads, slots, d] -> output [N, heads * d]."""
+                value_cache: torch.Tensor, meta: AttentionMetadata, layer: int) -> torch.Tensor:
+        """q [N, heads, d], k and v [N, kv_heads, d]; caches [kv_heads, slots, d] of layer `layer` ->
+        output [N, heads * d]."""
 
     def bias_dtype(self, dtype: torch.dtype) -> torch.dtype:
         """The dtype the step's masks (AttentionMetadata's biases) are built in, for a model in `dtype`."""
@@ -87,11 +93,14 @@ class TorchAttentionBackend(AttentionBackend):
     def bias_dtype(self, dtype: torch.dtype) -> torch.dtype:
         return dtype if self._exact_scale else torch.float32
 
-    def forward(self, q, k, v, key_cache, value_cache, meta):
+    def forward(self, q, k, v, key_cache, value_cache, meta, layer):
         key_cache.index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
         value_cache.index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
         parts = []
-        if meta.num_decodes:
+        if meta.mirror is not None:
+            b = meta.num_decodes
+            parts.append(self._attend_mirror(q[:b], k[:b], v[:b], key_cache, value_cache, meta.mirror, layer))
+        elif meta.num_decodes:
             b = meta.num_decodes
             keys = self._gather(key_cache, meta.decode_blocks, b)
             values = self._gather(value_cache, meta.decode_blocks, b)
@@ -125,6 +134,31 @@ class TorchAttentionBackend(AttentionBackend):
         fast path there measured 5x faster than along the block axis, and 3x than by token slot."""
         d = self.head_dim
         return cache.view(-1, self.block_size * d).index_select(0, rows).view(self.num_kv_heads, num_seqs, -1, d)
+
+    def _attend_mirror(self, q, k, v, key_cache, value_cache, plan: MirrorPlan, layer: int):
+        """The decodes, q [b, heads, d] and their new k, v [b, kv_heads, d], against their slots of the
+        decode mirror. Returns [b, heads*d]."""
+        keys, values = plan.keys[layer], plan.values[layer]
+        keys[plan.slots, :, plan.positions] = k
+        values[plan.slots, :, plan.positions] = v
+        if plan.join_slots is not None:  # their whole context, from the pool this layer just wrote
+            n, t = plan.join_slots.shape[0], plan.join_tokens
+            keys[plan.join_slots, :, :t] = self._gather(key_cache, plan.join_blocks, n).transpose(0, 1)
+            values[plan.join_slots, :, :t] = self._gather(value_cache, plan.join_blocks, n).transpose(0, 1)
+        s, kvh, g, d = plan.num_slots, self.num_kv_heads, self.group, self.head_dim
+        capacity = keys.shape[2]
+        if plan.identity:
+            qs = q.reshape(s * kvh, g, d)
+        else:  # holes get zero queries; their rows are dropped below
+            qs = q.new_zeros(s, self.num_heads, d)
+            qs[plan.slots] = q
+            qs = qs.view(s * kvh, g, d)
+        # The first num_slots slots are a contiguous prefix: [slots * kv_heads, capacity, d] with no copy.
+        scores = torch.bmm(qs, keys[:s].view(s * kvh, capacity, d).transpose(1, 2)).view(s, kvh * g, capacity)
+        scores = torch.add(plan.bias, scores, alpha=self.scale)
+        probs = scores.softmax(dim=-1).to(q.dtype).view(s * kvh, g, capacity)
+        out = torch.bmm(probs, values[:s].view(s * kvh, capacity, d)).view(s, self.num_heads * d)
+        return out if plan.identity else out[plan.slots]
 
     def _kv_head_major(self, x: torch.Tensor, n: int, t: int) -> torch.Tensor:
         return x.view(n, t, self.num_kv_heads, self.head_dim).permute(2, 0, 1, 3).contiguous()

@@ -24,6 +24,9 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None   # default: the model's context, capped by what the pool holds
     enable_chunked_prefill: bool = True
+    # Decode mirror (engine/decode_mirror.py): most bytes its contiguous copy of the decoding sequences'
+    # keys and values may take; None: twice the KV pool on CPU (within 20% of RAM), off on CUDA; 0: off.
+    decode_mirror_bytes: int | None = None
     # ---- co-serving (engine/policy.py names the policies) ----
     policy: str = "conserve"           # "online-only", "fcfs", "priority" or "conserve"
     slo_ttft_ms: float = 1000.0        # online time-to-first-token target
@@ -61,6 +64,11 @@ class EngineConfig:
                 not isinstance(self.offline_max_batched_tokens, int) or self.offline_max_batched_tokens < 1):
             raise InvalidRequestError(
                 f"offline_max_batched_tokens must be a positive integer, got {self.offline_max_batched_tokens!r}")
+        if self.decode_mirror_bytes is not None and (
+                not isinstance(self.decode_mirror_bytes, int) or isinstance(self.decode_mirror_bytes, bool)
+                or self.decode_mirror_bytes < 0):
+            raise InvalidRequestError(
+                f"decode_mirror_bytes must be a non-negative integer, got {self.decode_mirror_bytes!r}")
         if self.checkpoint_bytes is not None and (not isinstance(self.checkpoint_bytes, int) or self.checkpoint_bytes < 0):
             raise InvalidRequestError(f"checkpoint_bytes must be a non-negative integer, got {self.checkpoint_bytes!r}")
         if not 0.0 <= self.online_reserve_fraction < 1.0:

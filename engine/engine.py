@@ -12,6 +12,7 @@ from typing import Sequence
 import torch
 
 from engine.attention import TorchAttentionBackend
+from engine.decode_mirror import DecodeMirror
 from engine.checkpoint import Checkpointer, HostKVStore
 from engine.config import EngineConfig
 from engine.cpu_tuning import keep_large_allocations_in_heap
@@ -58,6 +59,8 @@ class EngineStats:
 
 # The default host checkpoint store takes at most this share of the machine's physical memory.
 HOST_STORE_RAM_SHARE = 0.4
+# Most of host RAM the decode mirror may take by default (on CPU, beside the pool and the host store).
+DECODE_MIRROR_RAM_SHARE = 0.2
 
 
 def _host_memory_bytes() -> int:
@@ -115,7 +118,7 @@ class Engine:
                                         config.block_size)
         model = LlamaModel(mc, loaded.tensors, backend, self.max_model_len, dtype, self.device)
         loaded.tensors.clear()  # the model holds its own (fused, converted) copies
-        self.runner = ModelRunner(model, self.kv_cache, self.device)
+        self.runner = ModelRunner(model, self.kv_cache, self.device, self._decode_mirror(mc, num_blocks, dtype, backend))
         self.policy = Policy.parse(config.policy)
         cost_model = None
         if self.policy.harvests:
@@ -138,6 +141,24 @@ class Engine:
             int(config.online_reserve_fraction * num_blocks)), self.pool, cost_model, self.checkpointer)
         self._stats = EngineStats(num_free_blocks=num_blocks, num_total_blocks=num_blocks)
         self._started = time.monotonic()
+
+    def _decode_mirror(self, mc, num_blocks: int, dtype: torch.dtype, backend) -> DecodeMirror | None:
+        """The decode mirror, on CPU by default: there it spares every decode step its gather. On CUDA the
+        gather is cheap beside the memory a mirror would hold.
+
+        Its default cap is twice the pool's size (within a share of host RAM): it holds no more than the
+        decoding sequences' keys and values, which live in the pool too, plus its padding (up to twice
+        GROWTH tokens a slot, slots rounded up to SLOT_ROUND), which a small pool's size alone leaves
+        no room for. The tensors are sized to the batch decoding, not to the cap."""
+        limit = self.config.decode_mirror_bytes
+        if limit is None:
+            pool_bytes = num_blocks * kv_bytes_per_block(mc, self.config.block_size, dtype)
+            limit = (min(2 * pool_bytes, int(DECODE_MIRROR_RAM_SHARE * _host_memory_bytes()))
+                     if self.device.type == "cpu" else 0)
+        if limit == 0:
+            return None
+        return DecodeMirror(mc.num_hidden_layers, mc.num_key_value_heads, mc.head_dim, self.config.block_size,
+                            dtype, backend.bias_dtype(dtype), self.device, limit)
 
     def _cost_model(self, loaded: LoadedModel, dtype: torch.dtype):
         """The step-latency model the SLO-aware scheduler plans with: profiled on this device once, then

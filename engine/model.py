@@ -98,7 +98,7 @@ class LlamaModel:
             qk = apply_rotary(qk, cos, sin)
             q, k = qk[:, :heads], qk[:, heads:]
             v = qkv[:, (heads + kv_heads) * d:].view(n, kv_heads, d)
-            attn = self.backend.forward(q, k, v, kv_cache.keys[i], kv_cache.values[i], meta)
+            attn = self.backend.forward(q, k, v, kv_cache.keys[i], kv_cache.values[i], meta, i)
             h = h + layer.o(attn)
             x = F.rms_norm(h, (h.shape[-1],), layer.post_norm, eps)
             gate, up = layer.gate_up(x).chunk(2, dim=-1)

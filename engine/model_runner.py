@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.attention import AttentionMetadata, PrefillGroup
+from engine.decode_mirror import DecodeMirror
 from engine.kv_cache import KVCache, blocks_for, slot_numbers
 from engine.model import LlamaModel, Parked, Safepoint
 from engine.request import Request
@@ -22,6 +23,10 @@ class StepBatch:
     sampling_requests: list[Request]
     # Each chunk with the batch row its tokens start at (prepare() reorders chunks: decodes first).
     chunk_rows: list[tuple[ScheduledChunk, int]]
+    # The decodes' requests and context lengths (after the step), to fall back from the mirror to the gather.
+    decode_requests: list[Request]
+    decode_lengths: list[int]
+    mirror_table: list | None = None  # what the decode mirror holds once this step has run every layer
 
 
 @dataclass
@@ -37,8 +42,10 @@ class ParkedStep:
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaModel, kv_cache: KVCache, device: torch.device):
+    def __init__(self, model: LlamaModel, kv_cache: KVCache, device: torch.device,
+                 mirror: DecodeMirror | None = None):
         self.model = model
+        self.mirror = mirror
         self.kv_cache = kv_cache
         self.block_size = kv_cache.block_size
         num_kv_heads = kv_cache.keys[0].shape[0]
@@ -60,7 +67,8 @@ class ModelRunner:
         """Finish a parked step for `keep` (some of its chunks) alone, from the layer it stopped at: their
         hidden rows go on through the remaining layers, the other chunks' rows are dropped (nothing of
         theirs was committed; their requests run again)."""
-        batch = self.prepare(keep)
+        # No mirror: the parked step left the mirror's layers unequal, and this one runs only the rest.
+        batch = self.prepare(keep, use_mirror=False)
         old_start = {id(c): row for c, row in parked.batch.chunk_rows}
         rows = [old_start[id(c)] + j for c, _ in batch.chunk_rows for j in range(c.num_tokens)]
         hidden = parked.state.hidden.index_select(0, torch.tensor(rows, device=self.device))
@@ -73,16 +81,29 @@ class ModelRunner:
         return self._run(parked.chunks, parked.batch, safepoint, parked.state)
 
     def _run(self, chunks, batch: StepBatch, safepoint, resume: Parked | None):
-        logits = self.model.forward(batch.input_ids, batch.positions, batch.meta, self.kv_cache,
-                                    batch.logits_indices, safepoint, resume)
+        try:
+            logits = self.model.forward(batch.input_ids, batch.positions, batch.meta, self.kv_cache,
+                                        batch.logits_indices, safepoint, resume)
+        except BaseException:
+            if batch.meta.mirror is not None:
+                self.mirror.invalidate()
+            raise
         if isinstance(logits, Parked):
+            if batch.meta.mirror is not None:
+                # Its layers before the stop wrote the mirror, the rest did not: forget it, and let the
+                # parked step finish by gathering from the pool.
+                self.mirror.invalidate()
+                batch.meta.mirror = None
+                self._gather_decodes(batch.meta, batch.decode_requests, batch.decode_lengths)
             return ParkedStep(chunks, batch, logits)
+        if batch.meta.mirror is not None:
+            self.mirror.commit(batch.mirror_table)
         if not batch.sampling_requests:
             return []
         tokens = sample(logits, batch.sampling_requests)
         return list(zip(batch.sampling_requests, tokens))
 
-    def prepare(self, chunks: list[ScheduledChunk]) -> StepBatch:
+    def prepare(self, chunks: list[ScheduledChunk], use_mirror: bool = True) -> StepBatch:
         decodes = [c for c in chunks if c.num_tokens == 1]
         groups: dict[tuple[int, int], list[ScheduledChunk]] = {}
         for c in chunks:
@@ -111,14 +132,15 @@ class ModelRunner:
 
         dev = self.device
         meta = AttentionMetadata(slot_mapping=torch.tensor(slots, device=dev))
+        decode_requests = [c.request for c in decodes]
+        decode_lengths = [r.num_computed_tokens + 1 for r in decode_requests]
+        mirror_table = None
         if decodes:
-            requests = [c.request for c in decodes]
             meta.num_decodes = len(decodes)
-            lens_list = [r.num_computed_tokens + 1 for r in requests]
-            meta.decode_blocks, keys = self._block_tables(requests, lens_list)
-            lens = torch.tensor(lens_list, device=dev)
-            pad = torch.arange(keys, device=dev).unsqueeze(0) >= lens.unsqueeze(1)
-            meta.decode_bias = self._bias(pad).view(1, len(requests), 1, 1, keys)
+            if use_mirror and self.mirror is not None:
+                meta.mirror, mirror_table = self.mirror.plan(decode_requests, decode_lengths, self._block_tables)
+            if meta.mirror is None:
+                self._gather_decodes(meta, decode_requests, decode_lengths)
         token_start = len(decodes)
         for (chunk_len, cached), members in groups.items():
             context_len = cached + chunk_len
@@ -137,7 +159,16 @@ class ModelRunner:
             logits_indices=torch.tensor(logits_indices, device=dev, dtype=torch.long),
             sampling_requests=sampling,
             chunk_rows=chunk_rows,
+            decode_requests=decode_requests,
+            decode_lengths=decode_lengths,
+            mirror_table=mirror_table,
         )
+
+    def _gather_decodes(self, meta: AttentionMetadata, requests: list[Request], lengths: list[int]) -> None:
+        """Decodes attend over their blocks gathered from the pool (decode_blocks, decode_bias)."""
+        meta.decode_blocks, keys = self._block_tables(requests, lengths)
+        hidden = torch.arange(keys, device=self.device).unsqueeze(0) >= torch.tensor(lengths, device=self.device).unsqueeze(1)
+        meta.decode_bias = self._bias(hidden).view(1, len(requests), 1, 1, keys)
 
     def _block_tables(self, requests: list[Request], context_lens: list[int]) -> tuple[torch.Tensor, int]:
         """Cache rows to gather (AttentionMetadata.decode_blocks) for each request's first context_lens

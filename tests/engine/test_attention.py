@@ -81,7 +81,7 @@ def test_paged_attention_matches_reference_for_mixed_batch(max_score_bytes, sdpa
     v = torch.stack([full_v[index[id(r)]][p] for r, p in token_owner])
 
     backend = TorchAttentionBackend(HEADS, KV_HEADS, HEAD_DIM, BLOCK)
-    out = backend.forward(q, k, v, cache.keys[0], cache.values[0], batch.meta)
+    out = backend.forward(q, k, v, cache.keys[0], cache.values[0], batch.meta, 0)
 
     for row, (req, pos) in enumerate(token_owner):
         i = index[id(req)]

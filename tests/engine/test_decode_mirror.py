@@ -1,0 +1,184 @@
+"""The decode mirror: decodes that read their keys and values from the mirror's slots attend exactly as
+decodes that gather them from the paged pool, step after step, as sequences join, leave, lose their
+blocks or miss a step; and the mirror plans appends, joins, repacks and reallocations as documented."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.attention import TorchAttentionBackend
+from engine.decode_mirror import GROWTH, DecodeMirror
+from engine.kv_cache import BlockPool, KVCache
+from engine.model_config import ModelConfig
+from engine.model_runner import ModelRunner
+from engine.request import Request, RequestClass
+from engine.sampling_params import SamplingParams
+from engine.scheduler import ScheduledChunk
+from tiny_models import prompt_of
+
+HEADS, KV_HEADS, HEAD_DIM, BLOCK, LAYERS = 4, 2, 8, 4, 2
+CONFIG = ModelConfig(vocab_size=64, hidden_size=HEADS * HEAD_DIM, intermediate_size=64, num_hidden_layers=LAYERS,
+                     num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, head_dim=HEAD_DIM)
+CPU = torch.device("cpu")
+
+
+class _NoModel:
+    """ModelRunner.prepare needs no model; only the cache geometry and the backend's mask dtype."""
+    backend = TorchAttentionBackend(HEADS, KV_HEADS, HEAD_DIM, BLOCK)
+
+
+def mirror(max_bytes: int = 1 << 30) -> DecodeMirror:
+    return DecodeMirror(LAYERS, KV_HEADS, HEAD_DIM, BLOCK, torch.float32, torch.float32, CPU, max_bytes)
+
+
+def request(i: int, length: int, pool: BlockPool, room: int = 8) -> Request:
+    """A request decoding its token number `length`, with blocks for `room` more."""
+    req = Request(f"r{i}", list(range(length + room)), SamplingParams(max_tokens=4), RequestClass.ONLINE,
+                  frozenset(), 1024)
+    req.block_ids = pool.allocate(pool.blocks_for(length + room))
+    pool.free(pool.allocate(1))  # interleave a freed block so tables are not contiguous
+    req.num_computed_tokens = length - 1
+    return req
+
+
+class Harness:
+    """Two runners over two copies of one pool, one with a mirror and one without; each step feeds both
+    the same random q, k, v (every layer) and compares their decode outputs."""
+
+    def __init__(self, num_blocks: int = 256, max_bytes: int = 1 << 30):
+        torch.manual_seed(0)
+        self.pool = BlockPool(num_blocks, BLOCK)
+        self.caches = [KVCache(CONFIG, num_blocks, BLOCK, torch.float32, CPU) for _ in range(2)]
+        for layer in range(LAYERS):  # pool contents of every block: what earlier steps wrote
+            for name in ("keys", "values"):
+                fill = torch.randn_like(getattr(self.caches[0], name)[layer])
+                for cache in self.caches:
+                    getattr(cache, name)[layer].copy_(fill)
+        self.mirror = mirror(max_bytes)
+        self.with_mirror = ModelRunner(_NoModel(), self.caches[0], CPU, self.mirror)
+        self.without = ModelRunner(_NoModel(), self.caches[1], CPU)
+        self.backend = _NoModel.backend
+
+    def step(self, requests: list[Request]) -> None:
+        chunks = [ScheduledChunk(r, 1) for r in requests]
+        batches = [self.with_mirror.prepare(chunks), self.without.prepare(chunks)]
+        assert batches[0].meta.mirror is not None and batches[1].meta.mirror is None
+        n = len(requests)
+        for layer in range(LAYERS):
+            q, k, v = torch.randn(n, HEADS, HEAD_DIM), torch.randn(n, KV_HEADS, HEAD_DIM), torch.randn(n, KV_HEADS, HEAD_DIM)
+            outs = [self.backend.forward(q, k, v, cache.keys[layer], cache.values[layer], b.meta, layer)
+                    for cache, b in zip(self.caches, batches)]
+            torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+        self.mirror.commit(batches[0].mirror_table)
+        for r in requests:
+            r.num_computed_tokens += 1
+
+
+def test_mirror_attends_as_the_gather_does_as_sequences_join_leave_and_lose_blocks():
+    h = Harness()
+    reqs = [request(i, n, h.pool) for i, n in enumerate([3, 9, 17, 4, 30])]
+    h.step(reqs[:3])                          # all join
+    h.step(reqs[:3])                          # all append
+    h.step([reqs[2], reqs[0], reqs[1]])       # same sequences, another order
+    h.step([reqs[0], reqs[2], reqs[3]])       # r1 leaves (its slot becomes a hole), r3 takes it
+    h.step(reqs[:4])                          # r1 comes back after missing a step: it joins again
+    reqs[2].kv_generation += 1                # r2's blocks were freed and its KV restored elsewhere
+    h.pool.free(reqs[2].block_ids)
+    reqs[2].block_ids = h.pool.allocate(h.pool.blocks_for(len(reqs[2].token_ids)))
+    h.step(reqs)                              # r2 re-joins from its new blocks, r4 joins
+    h.step(reqs[3:])                          # only two left: holes before them
+
+
+def test_mirror_reallocates_as_contexts_outgrow_its_capacity():
+    h = Harness()
+    reqs = [request(i, n, h.pool, room=2 * GROWTH + 16) for i, n in enumerate([5, 6])]
+    h.step(reqs)
+    capacity = h.mirror.capacity
+    for _ in range(capacity - 6 + 2):  # grow past the capacity, one decode at a time
+        h.step(reqs)
+    assert h.mirror.capacity > capacity
+
+
+def test_plan_appends_joins_and_repacks():
+    pool = BlockPool(256, BLOCK)
+    m = mirror()
+    runner = ModelRunner(_NoModel(), KVCache(CONFIG, 256, BLOCK, torch.float32, CPU), CPU, m)
+    reqs = [request(i, 10 + i, pool) for i in range(12)]
+
+    def plan(rs):
+        return m.plan(rs, [r.num_computed_tokens + 1 for r in rs], runner._block_tables)
+
+    p, table = plan(reqs[:3])
+    assert p.join_slots.tolist() == [0, 1, 2] and p.identity
+    m.commit(table)
+    for r in reqs[:3]:
+        r.num_computed_tokens += 1
+    p, table = plan(reqs[:3])
+    assert p.join_slots is None and p.identity and p.positions.tolist() == [r.num_computed_tokens for r in reqs[:3]]
+    m.commit(table)
+    for r in reqs[:3]:
+        r.num_computed_tokens += 1
+    p, table = plan([reqs[2], reqs[5]])          # r2 keeps slot 2; r5 takes the lowest free slot
+    assert p.slots.tolist() == [2, 0] and p.join_slots.tolist() == [0] and not p.identity
+    assert p.num_slots == 3
+    # Holes (slot 1 here) see only their first position, never nothing: no row of -inf.
+    assert torch.isfinite(p.bias[1, 0, 0]) and torch.isinf(p.bias[1, 0, 1:]).all()
+    m.invalidate()
+    p, _ = plan(reqs[:3])
+    assert p.join_slots.tolist() == [0, 1, 2]   # nothing is trusted after invalidate()
+    # Too many holes are repacked instead of attended over.
+    p, table = plan(reqs[:12])
+    m.commit(table)
+    for r in reqs:
+        r.num_computed_tokens += 1
+    p, _ = plan([reqs[11]])
+    assert p.slots.tolist() == [0] and p.num_slots == 1 and p.join_slots.tolist() == [0]
+
+
+def test_plan_falls_back_to_the_gather_beyond_its_byte_budget():
+    pool = BlockPool(256, BLOCK)
+    small = mirror(max_bytes=mirror().bytes_for(8, 2 * GROWTH))
+    runner = ModelRunner(_NoModel(), KVCache(CONFIG, 256, BLOCK, torch.float32, CPU), CPU, small)
+    short, long_ = request(0, 10, pool), request(1, 2 * GROWTH + 40, pool)
+    assert small.plan([short], [11], runner._block_tables)[0] is not None
+    assert small.plan([long_], [2 * GROWTH + 41], runner._block_tables) == (None, None)
+    batch = runner.prepare([ScheduledChunk(long_, 1)])
+    assert batch.meta.mirror is None and batch.meta.decode_blocks is not None
+
+
+@pytest.fixture(scope="module")
+def churn_outputs(tiny):
+    """A workload where decodes join and leave the batch at many different steps: a cap of three
+    running requests, prompts and output lengths all different, and a budget that chunks prefills."""
+    prompts = [prompt_of(n, seed=40 + i) for i, n in enumerate([3, 11, 6, 25, 14, 9, 2])]
+    params = [SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True) for m in [30, 7, 19, 12, 41, 5, 23]]
+
+    def run(**settings):
+        with tiny.engine(max_num_seqs=3, max_num_batched_tokens=8, **settings) as engine:
+            streams = [engine.submit(p, sp) for p, sp in zip(prompts, params)]
+            return [s.final().token_ids for s in streams]
+    return run
+
+
+def test_engine_outputs_are_the_same_with_and_without_the_mirror(churn_outputs, monkeypatch):
+    plans = []
+    real_plan = DecodeMirror.plan
+
+    def counted(self, requests, lengths, block_rows):
+        result = real_plan(self, requests, lengths, block_rows)
+        plans.append(result[0])
+        return result
+
+    monkeypatch.setattr(DecodeMirror, "plan", counted)
+    with_mirror = churn_outputs()
+    appends = [p for p in plans if p is not None and p.join_slots is None]
+    joins = [p for p in plans if p is not None and p.join_slots is not None]
+    assert appends and joins, "the workload should make the mirror both append and join"
+    assert with_mirror == churn_outputs(decode_mirror_bytes=0)
+
+
+def test_mirror_is_off_when_its_budget_is_zero(tiny):
+    with tiny.engine(decode_mirror_bytes=0) as engine:
+        assert engine.runner.mirror is None
+    with tiny.engine() as engine:
+        assert engine.runner.mirror is not None  # on CPU by default
