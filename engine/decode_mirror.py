@@ -23,9 +23,9 @@ behind the others, so the runner calls invalidate() and the next step rebuilds a
 The tensors are [slots, kv_heads, capacity, d] per layer: a slot is contiguous, so the matmuls take
 [slots * kv_heads, capacity, d] as one batch with no copy. Attention runs over the whole capacity
 (masked past each sequence's length): a view cut to the longest context would be strided between
-batch entries, which measured 3.9x slower for the scores' matmul. Capacity is therefore kept within
-GROWTH tokens above what is needed (the tensors are reallocated, and every slot joins, when contexts
-outgrow it or shrink far below it)."""
+batch entries, which measured 3.9x slower for the scores' matmul. Capacity is therefore kept at most
+2 x GROWTH tokens above the longest context (the tensors are reallocated, and every slot joins, when
+contexts outgrow it or shrink further below it)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
