@@ -69,13 +69,12 @@ class _Slot:
 
 class DecodeMirror:
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, block_size: int,
-                 dtype: torch.dtype, bias_dtype: torch.dtype, device: torch.device, max_bytes: int):
+                 dtype: torch.dtype, device: torch.device, max_bytes: int):
         self.num_layers = num_layers
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.block_size = block_size
         self.dtype = dtype
-        self.bias_dtype = bias_dtype
         self.device = device
         self.max_bytes = max_bytes
         self.keys: list[torch.Tensor] = []
@@ -91,11 +90,12 @@ class DecodeMirror:
         """Forget what the slots hold (the tensors stay allocated for reuse)."""
         self._slots = [None] * len(self._slots)
 
-    def plan(self, requests: list[Request], lengths: list[int],
-             block_rows) -> tuple[MirrorPlan | None, list[_Slot | None] | None]:
+    def plan(self, requests: list[Request], lengths: list[int], block_rows,
+             bias) -> tuple[MirrorPlan | None, list[_Slot | None] | None]:
         """Plan a step whose decodes are `requests`, each with `lengths` tokens of context once the step
-        has computed its new one. block_rows(requests, lengths) -> (pool rows, tokens) builds the gather
-        for joining sequences. Returns the plan and the slot table to commit() once every layer of the
+        has computed its new one. The runner's helpers build the rest: block_rows(requests, lengths) ->
+        (pool rows, tokens) the gather for joining sequences, bias(hidden) a mask from a bool tensor
+        (True: -inf). Returns the plan and the slot table to commit() once every layer of the
         step has run; (None, None) when the batch does not fit in max_bytes (the step gathers instead)."""
         n = len(requests)
         longest = max(lengths)
@@ -127,14 +127,13 @@ class DecodeMirror:
         # score at -inf would turn into NaN. Its output is thrown away.
         visible = torch.tensor([max(1, x) for x in slot_lengths], device=dev)
         hidden = torch.arange(self.capacity, device=dev).unsqueeze(0) >= visible.unsqueeze(1)
-        bias = torch.zeros(hidden.shape, dtype=self.bias_dtype, device=dev).masked_fill_(hidden, float("-inf"))
         plan = MirrorPlan(
             keys=self.keys, values=self.values, num_slots=num_slots,
             slots=torch.tensor(slot_of, device=dev),
             positions=torch.tensor([x - 1 for x in lengths], device=dev),
             identity=slot_of == list(range(n)) and num_slots == n,
             join_slots=join_slots, join_blocks=join_blocks, join_tokens=join_tokens,
-            bias=bias.unsqueeze(1),
+            bias=bias(hidden).unsqueeze(1),
         )
         return plan, table
 

@@ -12,9 +12,9 @@ from typing import Sequence
 import torch
 
 from engine.attention import TorchAttentionBackend
-from engine.decode_mirror import DecodeMirror
 from engine.checkpoint import Checkpointer, HostKVStore
 from engine.config import EngineConfig
+from engine.decode_mirror import DecodeMirror
 from engine.cpu_tuning import keep_large_allocations_in_heap
 from engine.detokenizer import IncrementalDetokenizer
 from engine.errors import InvalidRequestError
@@ -118,7 +118,7 @@ class Engine:
                                         config.block_size)
         model = LlamaModel(mc, loaded.tensors, backend, self.max_model_len, dtype, self.device)
         loaded.tensors.clear()  # the model holds its own (fused, converted) copies
-        self.runner = ModelRunner(model, self.kv_cache, self.device, self._decode_mirror(mc, num_blocks, dtype, backend))
+        self.runner = ModelRunner(model, self.kv_cache, self.device, self._decode_mirror(mc, num_blocks, dtype))
         self.policy = Policy.parse(config.policy)
         cost_model = None
         if self.policy.harvests:
@@ -142,7 +142,7 @@ class Engine:
         self._stats = EngineStats(num_free_blocks=num_blocks, num_total_blocks=num_blocks)
         self._started = time.monotonic()
 
-    def _decode_mirror(self, mc, num_blocks: int, dtype: torch.dtype, backend) -> DecodeMirror | None:
+    def _decode_mirror(self, mc, num_blocks: int, dtype: torch.dtype) -> DecodeMirror | None:
         """The decode mirror, on CPU by default: there it spares every decode step its gather. On CUDA the
         gather is cheap beside the memory a mirror would hold.
 
@@ -158,7 +158,7 @@ class Engine:
         if limit == 0:
             return None
         return DecodeMirror(mc.num_hidden_layers, mc.num_key_value_heads, mc.head_dim, self.config.block_size,
-                            dtype, backend.bias_dtype(dtype), self.device, limit)
+                            dtype, self.device, limit)
 
     def _cost_model(self, loaded: LoadedModel, dtype: torch.dtype):
         """The step-latency model the SLO-aware scheduler plans with: profiled on this device once, then

@@ -138,7 +138,8 @@ class ModelRunner:
         if decodes:
             meta.num_decodes = len(decodes)
             if use_mirror and self.mirror is not None:
-                meta.mirror, mirror_table = self.mirror.plan(decode_requests, decode_lengths, self._block_tables)
+                meta.mirror, mirror_table = self.mirror.plan(
+                    decode_requests, decode_lengths, self._block_tables, self._bias)
             if meta.mirror is None:
                 self._gather_decodes(meta, decode_requests, decode_lengths)
         token_start = len(decodes)

@@ -28,7 +28,7 @@ class _NoModel:
 
 
 def mirror(max_bytes: int = 1 << 30) -> DecodeMirror:
-    return DecodeMirror(LAYERS, KV_HEADS, HEAD_DIM, BLOCK, torch.float32, torch.float32, CPU, max_bytes)
+    return DecodeMirror(LAYERS, KV_HEADS, HEAD_DIM, BLOCK, torch.float32, CPU, max_bytes)
 
 
 def request(i: int, length: int, pool: BlockPool, room: int = 8) -> Request:
@@ -106,7 +106,7 @@ def test_plan_appends_joins_and_repacks():
     reqs = [request(i, 10 + i, pool) for i in range(12)]
 
     def plan(rs):
-        return m.plan(rs, [r.num_computed_tokens + 1 for r in rs], runner._block_tables)
+        return m.plan(rs, [r.num_computed_tokens + 1 for r in rs], runner._block_tables, runner._bias)
 
     p, table = plan(reqs[:3])
     assert p.join_slots.tolist() == [0, 1, 2] and p.identity
@@ -140,8 +140,8 @@ def test_plan_falls_back_to_the_gather_beyond_its_byte_budget():
     small = mirror(max_bytes=mirror().bytes_for(8, 2 * GROWTH))
     runner = ModelRunner(_NoModel(), KVCache(CONFIG, 256, BLOCK, torch.float32, CPU), CPU, small)
     short, long_ = request(0, 10, pool), request(1, 2 * GROWTH + 40, pool)
-    assert small.plan([short], [11], runner._block_tables)[0] is not None
-    assert small.plan([long_], [2 * GROWTH + 41], runner._block_tables) == (None, None)
+    assert small.plan([short], [11], runner._block_tables, runner._bias)[0] is not None
+    assert small.plan([long_], [2 * GROWTH + 41], runner._block_tables, runner._bias) == (None, None)
     batch = runner.prepare([ScheduledChunk(long_, 1)])
     assert batch.meta.mirror is None and batch.meta.decode_blocks is not None
 
@@ -164,8 +164,8 @@ def test_engine_outputs_are_the_same_with_and_without_the_mirror(churn_outputs, 
     plans = []
     real_plan = DecodeMirror.plan
 
-    def counted(self, requests, lengths, block_rows):
-        result = real_plan(self, requests, lengths, block_rows)
+    def counted(self, *args):
+        result = real_plan(self, *args)
         plans.append(result[0])
         return result
 
