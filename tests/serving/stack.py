@@ -26,8 +26,9 @@ MODEL_NAME = "tiny-chat"
 WORDS = ["hello", "world", "what", "is", "the", "capital", "of", "france", "paris", "user", "assistant", "system"]
 
 
-def save_tiny_chat_model(path: Path) -> Path:
-    """A 2-layer random Llama with a word-level tokenizer and a chat template, as a Hugging Face directory."""
+def save_tiny_chat_model(path: Path, context: int = 512) -> Path:
+    """A 2-layer random Llama with a word-level tokenizer and a chat template, as a Hugging Face directory;
+    `context` positions long."""
     import torch
     from tokenizers import Tokenizer as RustTokenizer
     from tokenizers.models import WordLevel
@@ -42,7 +43,7 @@ def save_tiny_chat_model(path: Path) -> Path:
     tok.chat_template = ("{% for m in messages %}<s> {{ m['role'] }} {{ m['content'] }} </s> {% endfor %}"
                          "{% if add_generation_prompt %}<s> assistant {% endif %}")
     config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=context,
                          bos_token_id=1, eos_token_id=2, initializer_range=0.1)
     with torch.random.fork_rng():
         torch.manual_seed(0)

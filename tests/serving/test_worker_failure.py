@@ -10,9 +10,18 @@ import pytest
 
 from app.db import make_engine, make_session_factory
 from app.models import Worker
-from stack import MODEL_NAME
+from stack import MODEL_NAME, save_tiny_chat_model
 
 MESSAGES = [{"role": "user", "content": "hello"}]
+# The doomed worker's streams must still be running when it is killed. At the usual 512-token context the
+# tiny model streams all of it in about 0.7 s, and a client held at the barrier for that long (a loaded
+# machine) once saw both streams end cleanly before the kill; 3,000 tokens each took 4.5 s.
+LONG_STREAM_TOKENS = 3000
+
+
+@pytest.fixture(scope="module")
+def long_context_model(tmp_path_factory):
+    return save_tiny_chat_model(tmp_path_factory.mktemp("long-context-chat"), context=2 * LONG_STREAM_TOKENS)
 
 
 def worker_status(worker) -> str:
@@ -24,8 +33,11 @@ def worker_status(worker) -> str:
         db.dispose()
 
 
-def test_worker_killed_mid_stream_gives_clean_errors_then_a_new_worker_serves(gateway, start_worker):
-    worker = start_worker("w-doomed").wait_registered()
+def test_worker_killed_mid_stream_gives_clean_errors_then_a_new_worker_serves(gateway, start_worker,
+                                                                             long_context_model):
+    # 16 MB of KV cache: both streams' 6,000-odd tokens (512 bytes a token) fit without preemption.
+    worker = start_worker("w-doomed", "--model", str(long_context_model),
+                          "--kv-cache-bytes", "16000000").wait_registered()
     gateway.wait_for_workers(1)
     client = openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="x", max_retries=0, timeout=30)
 
@@ -34,7 +46,8 @@ def test_worker_killed_mid_stream_gives_clean_errors_then_a_new_worker_serves(ga
 
     def stream_long() -> None:
         try:
-            stream = client.chat.completions.create(model=MODEL_NAME, messages=MESSAGES, max_tokens=5000,
+            stream = client.chat.completions.create(model=MODEL_NAME, messages=MESSAGES,
+                                                    max_tokens=LONG_STREAM_TOKENS,
                                                     stream=True, extra_body={"ignore_eos": True})
             for i, _ in enumerate(stream):
                 if i == 1:
