@@ -1,6 +1,7 @@
 """Co-serving: online chat requests with latency SLOs beside a backlog of offline work, per policy.
 
-Reproduces the ConServe paper's experiment at this machine's scale on the bundled model (bf16, CPU).
+Reproduces the ConServe paper's experiment at this machine's scale on the bundled model (bf16, CPU by
+default; --device cuda runs it on a GPU).
 Every policy (online-only, fcfs, priority, conserve) serves the SAME online arrival trace for
 --duration seconds; the policies that take offline work also get the same backlog of long
 summarisation-like requests, submitted at the start. A last run serves the backlog alone for
@@ -121,7 +122,10 @@ def _parse_args() -> argparse.Namespace:
                    help="policy of the offline-only run (fcfs: plain continuous batching, no co-serving costs)")
     p.add_argument("--skip-dedicated", action="store_true", help="no offline-only run")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
-                   help="auto (default): bfloat16 where the CPU computes it natively (AVX-512 BF16, AMX), else float32")
+                   help="auto (default): bfloat16 where the device computes it natively (CUDA; a CPU with "
+                        "AVX-512 BF16 or AMX), else float32")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
+    p.add_argument("--model", help="HF directory or .gguf file (default: the bundled SmolLM2 GGUF)")
     args = p.parse_args()
     if args.duration <= 0 or args.drain < 0 or args.burstiness <= 0 or not 0 < args.online_load:
         p.error("--duration, --burstiness and --online-load must be > 0, --drain >= 0")
@@ -129,7 +133,7 @@ def _parse_args() -> argparse.Namespace:
         p.error("--calibration-requests must be >= 1")
     if args.dtype == "auto":  # resolved once here, so every system and every run uses the same dtype
         from engine.config import auto_dtype_name
-        args.dtype = auto_dtype_name("cpu")
+        args.dtype = auto_dtype_name(args.device)
     args.policies = [x for x in POLICIES if x in args.policies]  # the table's order
     return args
 
@@ -181,7 +185,9 @@ def first_run(args: argparse.Namespace) -> dict:
         out = {"base_ids": base_ids, "calibration": calibration, "workload": workload,
                "slo_ms": (args.slo_ttft_ms, args.slo_tpot_ms), "slo_how": slo_how,
                "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                           "torch": torch.__version__, "python": platform.python_version()}}
+                           "torch": torch.__version__, "python": platform.python_version(),
+                           "accelerator": (torch.cuda.get_device_name(engine.device)
+                                           if engine.device.type == "cuda" else None)}}
         if "online-only" in args.policies:
             out["online-only"] = measure(engine, "online-only", workload, args)
         return out
@@ -236,7 +242,7 @@ def engine_config(policy: str, args: argparse.Namespace):
     # The SLOs are unset only in the first (online-only) engine, before its calibration derives them;
     # online-only plans nothing against them.
     slos = {k: v for k, v in (("slo_ttft_ms", args.slo_ttft_ms), ("slo_tpot_ms", args.slo_tpot_ms)) if v is not None}
-    return EngineConfig(model=None, dtype=args.dtype, device="cpu", policy=policy, **slos,
+    return EngineConfig(model=args.model, dtype=args.dtype, device=args.device, policy=policy, **slos,
                         num_kv_blocks=args.kv_blocks, block_size=16, max_num_batched_tokens=args.max_batched_tokens,
                         offline_max_batched_tokens=args.offline_max_batched_tokens,
                         preemption_mode=args.preemption_mode, checkpoint_bytes=args.checkpoint_bytes)
@@ -419,7 +425,7 @@ def window_figures(before, after, seconds: float) -> dict:
 
 
 def describe_workload(workload: Workload, rate: float, args: argparse.Namespace) -> dict:
-    return {"model": "SmolLM2-135M-Instruct (bundled GGUF)", "dtype": args.dtype, "device": "cpu",
+    return {"model": args.model or "SmolLM2-135M-Instruct (bundled GGUF)", "dtype": args.dtype, "device": args.device,
             "duration_s": args.duration, "drain_s": args.drain, "seed": args.seed, "arrivals": args.arrivals,
             "burstiness_cv": args.burstiness if args.arrivals == "gamma" else 1.0,
             "online_load": None if args.online_rate is not None else args.online_load,

@@ -6,6 +6,7 @@ tokens per second for each and writes them to --json.
 
     python bench/throughput.py --json bench/results/throughput.json \
         [--vllm-python /tmp/vllm-peer/venv/bin/python] [--skip-engine] [--skip-transformers]
+        [--device cuda] [--model HF_DIR_OR_GGUF]
 
 Only the generate call is timed, after a short warm-up, so model loading is not counted for anyone;
 each system runs the workload --repeats times and its median run is reported (the machine is shared
@@ -68,21 +69,22 @@ def main() -> int:
         _require_engine()
     import torch  # after argument checks: importing torch takes seconds
 
-    gguf_dir, gguf_name = bundled_gguf()
-    prompts = build_prompts(gguf_dir, gguf_name, args.num_prompts, args.input_len)
+    model_dir, gguf_name = model_location(args.model)
+    prompts = build_prompts(model_dir, gguf_name, args.num_prompts, args.input_len)
     expected = args.num_prompts * args.output_len
     result: dict = {
         "workload": {"num_prompts": args.num_prompts, "input_len": args.input_len,
                      "output_len": args.output_len, "dtype": args.dtype, "greedy": True, "ignore_eos": True,
-                     "model": gguf_name},
+                     "model": gguf_name or model_dir, "device": args.device},
         "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                     "torch": torch.__version__,
-                    "transformers": importlib.metadata.version("transformers"), "python": platform.python_version()},
+                    "transformers": importlib.metadata.version("transformers"), "python": platform.python_version(),
+                    "accelerator": torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else None},
         "seconds": {},
     }
     generated: dict[str, list[list[int]]] = {}
     runs = [("engine", not args.skip_engine, lambda: run_engine(prompts, args)),
-            ("transformers", not args.skip_transformers, lambda: run_transformers(prompts, gguf_dir, gguf_name, args)),
+            ("transformers", not args.skip_transformers, lambda: run_transformers(prompts, model_dir, gguf_name, args)),
             ("vllm", args.vllm_python is not None, lambda: run_vllm(prompts, args))]
     for name, wanted, run in runs:
         if not wanted:
@@ -134,7 +136,11 @@ def _parse_args() -> argparse.Namespace:
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
-                   help="auto (default): bfloat16 where the CPU computes it natively (AVX-512 BF16, AMX), else float32")
+                   help="auto (default): bfloat16 where the device computes it natively (CUDA; a CPU with "
+                        "AVX-512 BF16 or AMX), else float32")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N: where the engine and "
+                                                   "transformers run (vLLM's CPU build stays on the CPU)")
+    p.add_argument("--model", help="HF directory or .gguf file (default: the bundled SmolLM2 GGUF)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per system; the median is reported")
     p.add_argument("--vllm-python", help="python of an environment with vLLM (see shared/tools/vllm-peer-setup.sh)")
     p.add_argument("--vllm-model", help="HF model directory for vLLM (default: smollm2-hf beside that venv)")
@@ -145,7 +151,9 @@ def _parse_args() -> argparse.Namespace:
         p.error("--num-prompts, --input-len, --output-len and --repeats must be >= 1")
     if args.dtype == "auto":  # resolved once here, so every system and every run uses the same dtype
         from engine.config import auto_dtype_name
-        args.dtype = auto_dtype_name("cpu")
+        args.dtype = auto_dtype_name(args.device)
+    if args.vllm_python and args.device != "cpu":
+        p.error("--vllm-python runs vLLM's CPU build: compare it with --device cpu")
     return args
 
 
@@ -155,6 +163,19 @@ def _require_engine() -> None:
     except ImportError as exc:
         sys.exit(f"throughput.py: the ConServe engine is not importable ({exc}); "
                  "run with --skip-engine to measure only the baselines")
+
+
+def model_location(model: str | None) -> tuple[str, str | None]:
+    """(directory, GGUF file name) of --model: an HF directory (no file name) or a .gguf file; the
+    bundled GGUF when --model is not given."""
+    if model is None:
+        return bundled_gguf()
+    path = Path(model)
+    if path.is_dir():
+        return str(path), None
+    if path.is_file() and path.suffix == ".gguf":
+        return str(path.parent), path.name
+    sys.exit(f"throughput.py: --model {model} is neither a directory nor a .gguf file")
 
 
 def bundled_gguf() -> tuple[str, str]:
@@ -167,9 +188,9 @@ def bundled_gguf() -> tuple[str, str]:
     return directory, name
 
 
-def build_prompts(gguf_dir: str, gguf_name: str, num_prompts: int, input_len: int) -> list[list[int]]:
+def build_prompts(model_dir: str, gguf_name: str | None, num_prompts: int, input_len: int) -> list[list[int]]:
     from transformers import AutoTokenizer
-    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_name)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, gguf_file=gguf_name)
     needed = input_len + (num_prompts - 1) * WINDOW_STRIDE
     ids: list[int] = []
     while len(ids) < needed:
@@ -182,7 +203,9 @@ def build_prompts(gguf_dir: str, gguf_name: str, num_prompts: int, input_len: in
 
 def run_engine(prompts: list[list[int]], args: argparse.Namespace) -> Timed:
     from engine import Engine, EngineConfig, SamplingParams
-    engine = Engine(EngineConfig(model=None, dtype=args.dtype))
+    # A 1 GiB pool on every device (the CPU's default) holds the whole workload at once; on CUDA the
+    # default would take most of the card, and its host checkpoint store twice that in pinned memory.
+    engine = Engine(EngineConfig(model=args.model, dtype=args.dtype, device=args.device, kv_cache_bytes=1 << 30))
     try:
         engine.generate(prompts[:WARMUP_PROMPTS],
                         SamplingParams(max_tokens=WARMUP_TOKENS, temperature=0.0, ignore_eos=True))
@@ -193,24 +216,24 @@ def run_engine(prompts: list[list[int]], args: argparse.Namespace) -> Timed:
     return seconds, [list(o.token_ids) for o in outs], others
 
 
-def run_transformers(prompts: list[list[int]], gguf_dir: str, gguf_name: str,
+def run_transformers(prompts: list[list[int]], model_dir: str, gguf_name: str | None,
                      args: argparse.Namespace) -> Timed:
     import torch
     from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_name, dtype=getattr(torch, args.dtype))
-    model.eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, gguf_file=gguf_name, dtype=getattr(torch, args.dtype))
+    model.to(args.device).eval()
     pad = model.generation_config.eos_token_id
     pad = pad[0] if isinstance(pad, list) else pad
 
     def generate(batch: list[list[int]], new_tokens: int) -> torch.Tensor:
         # All prompts have the same length, so no padding is needed; the mask is passed anyway so
         # transformers does not have to guess it from pad tokens.
-        input_ids = torch.tensor(batch)
+        input_ids = torch.tensor(batch, device=args.device)
         with torch.inference_mode():
             out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                                  do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                                  pad_token_id=pad)
-        return out[:, input_ids.shape[1]:]
+        return out[:, input_ids.shape[1]:].cpu()
 
     generate(prompts[:WARMUP_PROMPTS], WARMUP_TOKENS)
     seconds, new, others = _repeat(lambda: generate(prompts, args.output_len), args.repeats)

@@ -118,6 +118,7 @@ def test_template_exceptions_are_invalid_requests(tmp_path):
         tok.apply_chat_template([{"role": "assistant", "content": "hello"}])
 
 
+@pytest.mark.bundled
 def test_gguf_tokenizer_cached_on_disk_behaves_as_the_freshly_converted_one(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     path = default_model_path()

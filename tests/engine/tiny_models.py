@@ -3,6 +3,7 @@ transformers' greedy output on the same weights as the reference."""
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -24,10 +25,14 @@ TINY_LLAMA = dict(
     initializer_range=0.1,
 )
 
-# Engine settings for exact comparisons: float32 on the CPU, blocks small enough that short prompts
-# already span several of them.
+# The device the engine tests run their engines on: the CPU (CI), or CONSERVE_TEST_DEVICE=cuda to run the
+# same suite through the engine's CUDA path (the transformers reference stays on the CPU).
+TEST_DEVICE = os.environ.get("CONSERVE_TEST_DEVICE", "cpu")
+
+# Engine settings for exact comparisons: float32, blocks small enough that short prompts already span
+# several of them.
 # A short profile: tiny models' steps take about a millisecond, so a second holds plenty of samples.
-EXACT = dict(dtype="float32", device="cpu", block_size=8, num_kv_blocks=64, profile_seconds=1.0)
+EXACT = dict(dtype="float32", device=TEST_DEVICE, block_size=8, num_kv_blocks=64, profile_seconds=1.0)
 
 
 @dataclass
@@ -44,7 +49,7 @@ class TinyModel:
         return LoadedModel(self.config, tensors, self.tokenizer, "tiny")
 
     def engine(self, **settings: Any) -> Engine:
-        """An engine on this model: float32 on the CPU unless settings say otherwise."""
+        """An engine on this model: float32 on TEST_DEVICE unless settings say otherwise."""
         return Engine(EngineConfig(**(EXACT | settings)), loaded=self.loaded())
 
     def with_eos(self, *eos_token_ids: int) -> "TinyModel":
