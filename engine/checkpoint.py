@@ -29,15 +29,14 @@ log = logging.getLogger(__name__)
 
 
 class HostKVStore:
-    """Host memory laid out like KVCache ([kv_heads, slots, head_dim] per layer), with its own block pool."""
+    """Host memory laid out like KVCache (one `slots` tensor), with its own block pool."""
 
     def __init__(self, like: KVCache, num_blocks: int, pin: bool):
-        shape = (like.keys[0].shape[0], num_blocks * like.block_size, like.keys[0].shape[2])
-        dtype = like.keys[0].dtype
+        two, layers, heads, _, head_dim = like.slots.shape
         # Zeroed (touched) now rather than torch.empty: first-touch page faults while serving cost the
         # all-offline throughput benchmark ~10% against ~5% with the store touched up front (2 cores).
-        self.keys = [torch.zeros(shape, dtype=dtype, pin_memory=pin) for _ in like.keys]
-        self.values = [torch.zeros(shape, dtype=dtype, pin_memory=pin) for _ in like.values]
+        self.slots = torch.zeros((two, layers, heads, num_blocks * like.block_size, head_dim),
+                                 dtype=like.slots.dtype, pin_memory=pin)
         self.pool = BlockPool(num_blocks, like.block_size)
 
 
@@ -75,8 +74,9 @@ class Checkpointer:
         self._closed = False
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._full: set[str] = set()
-        # (device layer, host layer) for every layer's keys, then values.
-        self._layers = list(zip(kv_cache.keys, store.keys)) + list(zip(kv_cache.values, store.values))
+        # Every layer's keys and values, on the device and in the store: one tensor each (KVCache.slots).
+        self._device_slots, self._host_slots = kv_cache.slots, store.slots
+        self._slot_dim = KVCache.SLOT_DIM
         # Without a side stream (the CPU) the copies wait in _pending for the engine thread's flush().
         self._pending: list[_StepJobs] | None = [] if self._stream is None else None
         self._thread = None
@@ -136,8 +136,8 @@ class Checkpointer:
             return
         dev = torch.tensor(slot_numbers(req.block_ids, self.block_size, 0, num_tokens), device=self.device)
         host = torch.tensor(slot_numbers(req.host_block_ids, self.block_size, 0, num_tokens))
-        for layer, saved in self._layers:
-            layer.index_copy_(1, dev, saved.index_select(1, host).to(self.device, non_blocking=True))
+        saved = self._host_slots.index_select(self._slot_dim, host)
+        self._device_slots.index_copy_(self._slot_dim, dev, saved.to(self.device))
 
     def drop(self, req: Request) -> None:
         """req is finished: give its host blocks back."""
@@ -214,18 +214,20 @@ class Checkpointer:
                 slot_numbers(req.host_block_ids, self.block_size, job.start, job.end))
 
     def _copy(self, dev_slots: list[int], host_slots: list[int], ready: torch.cuda.Event | None) -> None:
+        """One gather of the tokens' KV across every layer, one scatter into the store. On CUDA the gather
+        runs on the side stream (after the step that wrote the tokens) and lands in pinned memory, so the
+        copy to the host is a real asynchronous DMA rather than a blocking copy into pageable memory."""
+        dim = self._slot_dim
+        host_idx = torch.tensor(host_slots)
         if self._stream is None:
-            dev_idx, host_idx = torch.tensor(dev_slots), torch.tensor(host_slots)
-            for dev, host in self._layers:
-                host.index_copy_(1, host_idx, dev.index_select(1, dev_idx))
+            self._host_slots.index_copy_(dim, host_idx, self._device_slots.index_select(dim, torch.tensor(dev_slots)))
             return
-        host_slots = torch.tensor(host_slots)
         with torch.cuda.stream(self._stream):
             self._stream.wait_event(ready)
-            dev_slots = torch.tensor(dev_slots).to(self.device, non_blocking=True)
-            staged = [(saved, layer.index_select(1, dev_slots).to("cpu", non_blocking=True))
-                      for layer, saved in self._layers]
+            dev_idx = torch.tensor(dev_slots, pin_memory=True).to(self.device, non_blocking=True)
+            gathered = self._device_slots.index_select(dim, dev_idx)
+            staged = torch.empty(gathered.shape, dtype=gathered.dtype, pin_memory=True)
+            staged.copy_(gathered, non_blocking=True)
             self._stream.synchronize()
-        for s, part in staged:
-            s.index_copy_(1, host_slots, part)
+        self._host_slots.index_copy_(dim, host_idx, staged)
 

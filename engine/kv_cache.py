@@ -64,12 +64,19 @@ class KVCache:
     The flat slot axis makes a write one index_copy_ by slot number and a read one index_select of
     the slots a batch of sequences owns; putting kv_heads first makes that read come out as
     [kv_heads, seqs, context, head_dim], contiguous for the batched matrix products of attention
-    (a strided operand made them 6x slower on CPU)."""
+    (a strided operand made them 6x slower on CPU).
+
+    Every layer's tensors are views of one `slots` tensor [2 (keys, values), layers, kv_heads, slots,
+    head_dim] (each view still contiguous), so copying some tokens' KV of every layer at once, as
+    checkpoints and restores do, is one index_select (SLOT_DIM) rather than one per layer and kind."""
+
+    SLOT_DIM = 3
 
     def __init__(self, config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
                  device: torch.device):
-        shape = (config.num_key_value_heads, num_blocks * block_size, config.head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.slots = torch.zeros((2, config.num_hidden_layers, config.num_key_value_heads, num_blocks * block_size,
+                                  config.head_dim), dtype=dtype, device=device)
+        self.keys = list(self.slots[0].unbind(0))
+        self.values = list(self.slots[1].unbind(0))
         self.block_size = block_size
         self.num_blocks = num_blocks

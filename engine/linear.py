@@ -30,8 +30,16 @@ class Linear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self._packed is not None:
-            return torch.ops.mkldnn._linear_pointwise(x, self._packed, None, "none", [], "")
+            return _packed_product(x, self._packed)
         return F.linear(x, self.weight)
+
+
+# Row counts the packed product is checked at against a batch of PROBE_BATCH rows: a lone decode, an
+# odd small batch, and a full one. On one machine (torch 2.11, a 16-core server CPU) the packed bfloat16
+# product equalled F.linear at 3 rows but not at 7, and float32 rows changed with the batch beside them;
+# a three-row probe alone had let that through.
+PROBE_ROWS = (1, 7)
+PROBE_BATCH = 64
 
 
 def _prepack(weight: torch.Tensor) -> torch.Tensor | None:
@@ -42,13 +50,24 @@ def _prepack(weight: torch.Tensor) -> torch.Tensor | None:
         # 64: the row count the blocking is tuned for; measured on float32 against 1, 512 and 2048,
         # it was as fast as any at 1 and 2048 rows and the fastest at 16-64 (decode batches).
         packed = torch.ops.mkldnn._reorder_linear_weight(weight, 64)
-        probe = torch.randn(3, weight.shape[1], dtype=weight.dtype)
-        ours, reference = torch.ops.mkldnn._linear_pointwise(probe, packed, None, "none", [], ""), F.linear(probe, weight)
+        probe = torch.randn(PROBE_BATCH, weight.shape[1], dtype=weight.dtype,
+                            generator=torch.Generator().manual_seed(0))
+        batched = _packed_product(probe, packed)
+        alone = [_packed_product(probe[:rows], packed) for rows in PROBE_ROWS]
     except (AttributeError, RuntimeError) as exc:  # a torch without these private oneDNN ops, or a CPU they refuse
         log.debug("oneDNN weight prepacking unavailable: %s", exc)
         return None
+    # A row's result must not depend on the rows batched with it (batched and lone outputs match).
+    if not all(torch.equal(a, batched[:len(a)]) for a in alone):
+        log.info("oneDNN prepacked products change with the batch on this CPU; using F.linear")
+        return None
+    reference = F.linear(probe, weight)
     if weight.dtype == torch.bfloat16:
-        same = torch.equal(ours, reference)
+        same = torch.equal(batched, reference)
     else:  # float32 sums in another order: equal to within rounding
-        same = torch.allclose(ours, reference, rtol=1e-4, atol=1e-4 * float(reference.abs().max()))
+        same = torch.allclose(batched, reference, rtol=1e-4, atol=1e-4 * float(reference.abs().max()))
     return packed if same else None
+
+
+def _packed_product(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")

@@ -170,7 +170,7 @@ def test_engine_outputs_are_the_same_with_and_without_the_mirror(churn_outputs, 
         return result
 
     monkeypatch.setattr(DecodeMirror, "plan", counted)
-    with_mirror = churn_outputs()
+    with_mirror = churn_outputs(decode_mirror_bytes=1 << 24)  # on by default on the CPU only
     appends = [p for p in plans if p is not None and p.join_slots is None]
     joins = [p for p in plans if p is not None and p.join_slots is not None]
     assert appends and joins, "the workload should make the mirror both append and join"
