@@ -66,17 +66,18 @@ class KVCache:
     [kv_heads, seqs, context, head_dim], contiguous for the batched matrix products of attention
     (a strided operand made them 6x slower on CPU).
 
-    Every layer's tensors are views of one `slots` tensor [2 (keys, values), layers, kv_heads, slots,
-    head_dim] (each view still contiguous), so copying some tokens' KV of every layer at once, as
-    checkpoints and restores do, is one index_select (SLOT_DIM) rather than one per layer and kind."""
+    Every layer's tensors are views of one `slots` tensor [2 * layers (keys, then values), kv_heads,
+    slots, head_dim] (each view still contiguous), so copying some tokens' KV of many layers at once,
+    as checkpoints and restores do, takes one index_select (SLOT_DIM) rather than one per layer and kind."""
 
-    SLOT_DIM = 3
+    SLOT_DIM = 2
 
     def __init__(self, config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
                  device: torch.device):
-        self.slots = torch.zeros((2, config.num_hidden_layers, config.num_key_value_heads, num_blocks * block_size,
-                                  config.head_dim), dtype=dtype, device=device)
-        self.keys = list(self.slots[0].unbind(0))
-        self.values = list(self.slots[1].unbind(0))
+        layers = config.num_hidden_layers
+        self.slots = torch.zeros((2 * layers, config.num_key_value_heads, num_blocks * block_size, config.head_dim),
+                                 dtype=dtype, device=device)
+        self.keys = list(self.slots[:layers].unbind(0))
+        self.values = list(self.slots[layers:].unbind(0))
         self.block_size = block_size
         self.num_blocks = num_blocks

@@ -34,10 +34,10 @@ class Linear:
         return F.linear(x, self.weight)
 
 
-# Row counts the packed product is checked at against a batch of PROBE_BATCH rows: a lone decode, an
-# odd small batch, and a full one. On one machine (torch 2.11, a 16-core server CPU) the packed bfloat16
-# product equalled F.linear at 3 rows but not at 7, and float32 rows changed with the batch beside them;
-# a three-row probe alone had let that through.
+# Row counts the packed product is checked at against a batch of PROBE_BATCH rows: a lone decode and an
+# odd small batch. On one machine (torch 2.11, a 16-core server Xeon) the packed bfloat16 product
+# equalled F.linear at 3 rows but not at 7, which a three-row probe alone had let through; and there
+# neither the packed nor F.linear's float32 rows were independent of the batch beside them.
 PROBE_ROWS = (1, 7)
 PROBE_BATCH = 64
 
@@ -57,16 +57,22 @@ def _prepack(weight: torch.Tensor) -> torch.Tensor | None:
     except (AttributeError, RuntimeError) as exc:  # a torch without these private oneDNN ops, or a CPU they refuse
         log.debug("oneDNN weight prepacking unavailable: %s", exc)
         return None
-    # A row's result must not depend on the rows batched with it (batched and lone outputs match).
-    if not all(torch.equal(a, batched[:len(a)]) for a in alone):
-        log.info("oneDNN prepacked products change with the batch on this CPU; using F.linear")
-        return None
     reference = F.linear(probe, weight)
     if weight.dtype == torch.bfloat16:
         same = torch.equal(batched, reference)
     else:  # float32 sums in another order: equal to within rounding
         same = torch.allclose(batched, reference, rtol=1e-4, atol=1e-4 * float(reference.abs().max()))
-    return packed if same else None
+    if not same:
+        return None
+    # A row's result should not depend on the rows batched with it (batched and lone outputs match).
+    if all(torch.equal(a, batched[:len(a)]) for a in alone):
+        return packed
+    # Where F.linear keeps that property and the packed product does not, F.linear it is; where
+    # neither does (float32 on that server CPU), the packed product is at least the faster.
+    if all(torch.equal(F.linear(probe[:rows], weight), reference[:rows]) for rows in PROBE_ROWS):
+        log.info("oneDNN prepacked products change with the batch on this CPU; using F.linear")
+        return None
+    return packed
 
 
 def _packed_product(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:

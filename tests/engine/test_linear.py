@@ -45,3 +45,22 @@ def test_a_rows_result_does_not_depend_on_the_rows_beside_it(dtype):
     batched = layer(x)
     for rows in (1, 7, 64):
         assert torch.equal(layer(x[:rows]), batched[:rows])
+
+
+@pytest.mark.skipif(not ONEDNN_BF16, reason="no oneDNN bfloat16 packing on this CPU")
+def test_a_packed_product_that_changes_with_the_batch_is_not_used_where_f_linear_does_not(monkeypatch):
+    import engine.linear as linear
+    real = linear._packed_product
+
+    def batch_dependent(x, packed):  # what that server CPU's oneDNN did: small batches come out different
+        out = real(x, packed)
+        return out + 1 if x.shape[0] < linear.PROBE_BATCH else out
+
+    monkeypatch.setattr(linear, "_packed_product", batch_dependent)
+    weight = torch.randn(96, 40, dtype=torch.bfloat16)
+    x = torch.randn(linear.PROBE_BATCH, 40, dtype=torch.bfloat16)
+    f_linear_invariant = all(torch.equal(F.linear(x[:rows], weight), F.linear(x, weight)[:rows]) for rows in (1, 7))
+    layer = Linear(weight)
+    assert (layer._packed is None) == f_linear_invariant
+    if f_linear_invariant:
+        assert torch.equal(layer(x[:7]), F.linear(x[:7], weight))
