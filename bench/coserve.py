@@ -70,10 +70,15 @@ def main() -> int:
         if policy != "online-only":
             result["policies"][policy] = run_or_report(policy, workload, args, base_ids)
     if not args.skip_dedicated:
+        # The best of --dedicated-runs runs: noise only ever slows a run down (two runs of one
+        # configuration on an idle machine gave 874 and 1,062 offline tok/s), and the best is the
+        # harder baseline for the harvest ratio.
         alone = Workload(online=[], offline=workload.offline)
-        dedicated = run_or_report(args.dedicated_policy, alone, args, base_ids)
+        runs = [run_or_report(args.dedicated_policy, alone, args, base_ids) for _ in range(args.dedicated_runs)]
+        dedicated = max(runs, key=lambda r: r.get("offline_tok_s") or 0.0)
         result["dedicated_offline"] = {k: v for k, v in dedicated.items() if not k.startswith("online_")}
         result["dedicated_offline_tok_s"] = dedicated.get("offline_tok_s")
+        result["dedicated_offline_runs_tok_s"] = [r.get("offline_tok_s") for r in runs]
 
     result["ratios"] = ratios(result, args.slo_tpot_ms / 1000)
     print_table(result)
@@ -121,6 +126,8 @@ def _parse_args() -> argparse.Namespace:
     p.add_argument("--dedicated-policy", choices=("fcfs", "priority", "conserve"), default="fcfs",
                    help="policy of the offline-only run (fcfs: plain continuous batching, no co-serving costs)")
     p.add_argument("--skip-dedicated", action="store_true", help="no offline-only run")
+    p.add_argument("--dedicated-runs", type=int, default=2,
+                   help="offline-only runs; the fastest is dedicated_offline_tok_s (default 2)")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
                    help="auto (default): bfloat16 where the device computes it natively (CUDA; a CPU with "
                         "AVX-512 BF16 or AMX), else float32")
@@ -129,6 +136,8 @@ def _parse_args() -> argparse.Namespace:
     args = p.parse_args()
     if args.duration <= 0 or args.drain < 0 or args.burstiness <= 0 or not 0 < args.online_load:
         p.error("--duration, --burstiness and --online-load must be > 0, --drain >= 0")
+    if args.dedicated_runs < 1:
+        p.error("--dedicated-runs must be >= 1")
     if args.calibration_requests < 1 and not _calibration_skipped(args):
         p.error("--calibration-requests must be >= 1")
     if args.dtype == "auto":  # resolved once here, so every system and every run uses the same dtype
