@@ -1,0 +1,53 @@
+#!/bin/bash
+# The engine's CUDA path in one go, for a CUDA machine (CI has none): the engine test suite on the GPU,
+# throughput against transformers, how busy the GPU is, and the co-serving benchmark, all on a random-
+# weight twin of the bundled model unless MODEL names a real one. Logs and JSON go to OUT (default
+# ./cuda-check). Runs with the python on PATH (PY=...), which must hold a CUDA torch and this project's
+# engine dependencies (torch, transformers, safetensors, gguf, numpy, jinja2, pytest, matplotlib).
+#
+#   bash bench/cuda_check.sh                 # about 6 minutes on an H200
+#   DURATION=60 OUT=/tmp/cc bash bench/cuda_check.sh
+set -u
+cd "$(dirname "$0")/.."
+PY=${PY:-python3}
+OUT=${OUT:-cuda-check}; mkdir -p "$OUT"; OUT=$(cd "$OUT" && pwd)
+DURATION=${DURATION:-20}
+DEVICE=${DEVICE:-cuda}   # DEVICE=cpu walks the same steps on the CPU (to try the script out)
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+step() { echo "== $1 ($(date +%T))"; }
+
+step environment
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+  lscpu | grep -E "Model name|^CPU\(s\)"
+  $PY -c "import sys, torch, transformers; print(sys.version.split()[0], torch.__version__, transformers.__version__)"
+} 2>&1 | tee "$OUT/environment.txt"
+
+MODEL=${MODEL:-}
+if [ -z "$MODEL" ]; then
+  MODEL=$PWD/.cuda-check-twin
+  # config.json alone (from random_twin.py --config-only elsewhere) is enough to make the weights here.
+  [ -f "$MODEL/model.safetensors" ] || (cd bench && $PY random_twin.py "$MODEL") 2>&1 | tail -1
+fi
+
+step "engine tests on $DEVICE"
+CONSERVE_TEST_DEVICE=$DEVICE timeout 300 $PY -m pytest tests/engine -q -m "not bundled" --tb=short -rf -o timeout=60 \
+  > "$OUT/pytest_cuda.log" 2>&1
+echo "pytest exit $?"; tail -8 "$OUT/pytest_cuda.log"
+
+step throughput
+(cd bench && timeout 300 $PY throughput.py --device $DEVICE --model "$MODEL" --repeats 3 \
+  --json "$OUT/throughput_cuda.json" > "$OUT/throughput_cuda.log" 2>&1)
+echo "throughput exit $?"; grep -E "tok/s|x$" "$OUT/throughput_cuda.log"
+
+if [ "$DEVICE" != cpu ]; then
+  step "gpu busy"
+  timeout 120 $PY bench/gpu_busy.py --model "$MODEL" --device "$DEVICE" > "$OUT/gpu_busy.log" 2>&1
+  echo "gpu_busy exit $?"; head -1 "$OUT/gpu_busy.log"
+fi
+
+step "co-serving, ${DURATION} s per policy"
+(cd bench && timeout $((DURATION * 8 + 300)) $PY coserve.py --device $DEVICE --model "$MODEL" --duration "$DURATION" \
+  --drain 4 --offline-requests $((DURATION * 200)) --kv-blocks 2048 --max-batched-tokens 4096 \
+  --offline-max-batched-tokens 4096 --json "$OUT/coserve_cuda.json" > "$OUT/coserve_cuda.log" 2>&1)
+echo "coserve exit $?"; sed -n '/targets (issue 3)/,$p' "$OUT/coserve_cuda.log"
+step done
