@@ -22,11 +22,11 @@ step environment
   $PY -c "import sys, torch, transformers; print(sys.version.split()[0], torch.__version__, transformers.__version__)"
 } 2>&1 | tee "$OUT/environment.txt"
 
-MODEL=${MODEL:-}
-if [ -z "$MODEL" ]; then
-  MODEL=$PWD/.cuda-check-twin
-  # config.json alone (from random_twin.py --config-only elsewhere) is enough to make the weights here.
-  [ -f "$MODEL/model.safetensors" ] || (cd bench && $PY random_twin.py "$MODEL") 2>&1 | tail -1
+# A directory with no weights yet becomes the bundled model's random-weight twin: from the bundled GGUF,
+# or, where that is missing, from the config.json that `random_twin.py DIR --config-only` put there.
+MODEL=${MODEL:-$PWD/.cuda-check-twin}
+if [ ! -e "$MODEL" ] || { [ -d "$MODEL" ] && ! ls "$MODEL"/*.safetensors >/dev/null 2>&1; }; then
+  (cd bench && $PY random_twin.py "$MODEL") 2>&1 | tail -1
 fi
 
 step "engine tests on $DEVICE"
