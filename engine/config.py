@@ -37,7 +37,9 @@ class EngineConfig:
     # "park" its hidden state. discard measured better
     # on 2 cores (bench/coserve.py): parked steps resumed beside new online work delayed its decodes.
     preemption_mode: str = "discard"
-    checkpoint_bytes: int | None = None  # host KV checkpoint store; default: twice the device pool, at most 40% of RAM; 0 = off
+    # Host KV checkpoint store; default: twice the device pool, at most 40% of RAM split between the
+    # GPUs this process sees; 0 = off.
+    checkpoint_bytes: int | None = None
     online_reserve_fraction: float = 0.1  # share of KV blocks offline admission leaves free for online bursts
     profile_cache_dir: str | Path | None = None  # cached step-latency profiles; default ~/.cache/conserve/profiles
     profile_seconds: float = 5.0       # time spent profiling step latency when no cached profile fits

@@ -57,10 +57,19 @@ class EngineStats:
     uptime_seconds: float = 0.0
 
 
-# The default host checkpoint store takes at most this share of the machine's physical memory.
+# The default host checkpoint store takes at most this share of the machine's physical memory, split
+# evenly between the GPUs the process sees (one worker per GPU on one host each take their part).
 HOST_STORE_RAM_SHARE = 0.4
 # Most of host RAM the decode mirror may take by default (on CPU, beside the pool and the host store).
 DECODE_MIRROR_RAM_SHARE = 0.2
+
+
+def default_store_blocks(pool_blocks: int, bytes_per_block: int, host_memory: int, gpus: int) -> int:
+    """Twice the device pool, within this process's share of host RAM: HOST_STORE_RAM_SHARE of it,
+    divided by the GPUs it sees. A worker that sees one GPU in a container cannot know how many others
+    share the host; there --kv-cache-bytes or --checkpoint-bytes has to say (README, "Memory")."""
+    share = int(HOST_STORE_RAM_SHARE * host_memory / max(gpus, 1))
+    return min(2 * pool_blocks, share // bytes_per_block)
 
 
 def _host_memory_bytes() -> int:
@@ -129,7 +138,8 @@ class Engine:
             per_block = kv_bytes_per_block(mc, config.block_size, dtype)
             if store_bytes is None:
                 # Capped at a share of host RAM: twice an 80 GB GPU's pool would not fit beside the rest.
-                store_blocks = min(2 * num_blocks, int(HOST_STORE_RAM_SHARE * _host_memory_bytes()) // per_block)
+                store_blocks = default_store_blocks(num_blocks, per_block, _host_memory_bytes(),
+                                                    torch.cuda.device_count() if self.device.type == "cuda" else 1)
             else:
                 store_blocks = store_bytes // per_block
             if store_blocks > 0:

@@ -61,7 +61,8 @@ def _engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--slo-tpot-ms", type=float, help="online time-per-output-token target (default 100)")
     p.add_argument("--kv-cache-bytes", type=int, help="KV cache size (default: 1 GiB on CPU, free memory on CUDA)")
     p.add_argument("--checkpoint-bytes", type=int,
-                   help="host KV checkpoint store (default: twice the KV cache, at most 40%% of RAM; 0 turns it off)")
+                   help="host KV checkpoint store (default: twice the KV cache, at most 40%% of RAM split "
+                        "between the GPUs seen; 0 turns it off)")
     p.add_argument("--decode-mirror-bytes", type=int,
                    help="CPU decode mirror, a contiguous copy of decoding sequences' KV (default: twice the KV "
                         "cache, at most 20%% of RAM, on CPU; off on CUDA; 0 turns it off)")

@@ -34,7 +34,7 @@ class WorkerSettings(BaseSettings):
     slo_ttft_ms: float = 1000.0
     slo_tpot_ms: float = 100.0
     kv_cache_bytes: int | None = None
-    checkpoint_bytes: int | None = None   # host KV checkpoint store (default: twice the KV cache, <= 40% of RAM)
+    checkpoint_bytes: int | None = None   # host KV checkpoint store (default: twice the KV cache, <= 40% of RAM over the GPUs seen)
     decode_mirror_bytes: int | None = None  # CPU decode mirror cap (default: twice the KV cache, <= 20% of RAM; 0: off)
     max_num_seqs: int = 128
     max_model_len: int | None = None

@@ -346,3 +346,13 @@ def test_bad_engine_settings_are_refused_before_loading(settings):
     from engine.engine import Engine
     with pytest.raises(InvalidRequestError):
         Engine(EngineConfig(**settings))
+
+
+def test_default_host_store_is_twice_the_pool_within_a_share_of_ram_split_between_gpus():
+    from engine.engine import HOST_STORE_RAM_SHARE, default_store_blocks
+    gib, mib = 1 << 30, 1 << 20
+    assert default_store_blocks(1000, mib, 100 * gib, gpus=1) == 2000
+    capped = int(HOST_STORE_RAM_SHARE * 100 * gib) // mib
+    assert default_store_blocks(10**6, mib, 100 * gib, gpus=1) == capped
+    # Eight workers on an eight-GPU host, each seeing every GPU, take an eighth of the share each.
+    assert default_store_blocks(10**6, mib, 100 * gib, gpus=8) == int(HOST_STORE_RAM_SHARE * 100 * gib / 8) // mib
