@@ -23,6 +23,11 @@ SMOLLM2_KV = ModelConfig(vocab_size=49152, hidden_size=576, intermediate_size=15
 BLOCK = 16
 
 
+# Up to this many tokens are copied as a step of decodes (one token in each of that many requests'
+# blocks); more, as one prefill chunk (whole blocks).
+DECODE_BATCH = 64
+
+
 def block_slots(num_tokens: int, num_blocks: int, one_per_block: bool, generator: torch.Generator) -> list[int]:
     """Slots of num_tokens tokens: whole random blocks (a prefill chunk), or one token in each of
     num_tokens random blocks (a step of decodes)."""
@@ -48,8 +53,9 @@ def main() -> None:
     layer_bytes = cache.slots[0, :, :1].numel() * cache.slots.element_size()  # one token, one layer-kind
     g = torch.Generator().manual_seed(0)
     for n in args.tokens:
-        dev = block_slots(n, args.blocks, one_per_block=n == 64, generator=g)
-        host = block_slots(n, 2 * args.blocks, one_per_block=n == 64, generator=g)
+        decodes = n <= DECODE_BATCH
+        dev = block_slots(n, args.blocks, one_per_block=decodes, generator=g)
+        host = block_slots(n, 2 * args.blocks, one_per_block=decodes, generator=g)
         sizes = {"per layer": layer_bytes * n, "grouped (engine)": checkpoint.COPY_GROUP_BYTES,
                  "all layers at once": 1 << 62}
         for name, group_bytes in sizes.items():
