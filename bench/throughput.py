@@ -8,9 +8,11 @@ tokens per second for each and writes them to --json.
         [--vllm-python /tmp/vllm-peer/venv/bin/python] [--skip-engine] [--skip-transformers]
         [--device cuda] [--model HF_DIR_OR_GGUF]
 
-Only the generate call is timed, after a short warm-up, so model loading is not counted for anyone;
-each system runs the workload --repeats times and its median run is reported (the machine is shared
-and noisy: single runs of the same build varied by 10%).
+Only the generate call is timed, after a short warm-up, so model loading is not counted for anyone.
+Every system is loaded first; then the runs are interleaved in --repeats rounds (engine, transformers,
+vLLM; then again), and each system's median run is reported. The machine is shared and noisy: on a
+2-core Xeon the engine measured 633 tok/s alone and 509 minutes later, so runs taken one system after
+another compare different minutes of the machine; each round's ratios compare the same minute.
 """
 from __future__ import annotations
 
@@ -58,9 +60,9 @@ with lights was a sign of a country that expected visitors and wanted them to ar
 """
 WINDOW_STRIDE = 7  # start of prompt i is i * 7 tokens into the text: prompts overlap but never repeat
 WARMUP_PROMPTS, WARMUP_TOKENS = 2, 8
-# What each system's runs return: seconds of each timed generate call, the generated token ids per
-# prompt, and CPU seconds other processes used during each call (None where that cannot be read).
-Timed = tuple[list[float], list[list[int]], list[float | None]]
+# One timed run of a system: seconds of its generate call, the generated token ids per prompt, and CPU
+# seconds other processes used meanwhile (None where that cannot be read).
+Timed = tuple[float, list[list[int]], float | None]
 
 
 def main() -> int:
@@ -83,19 +85,32 @@ def main() -> int:
         "seconds": {},
     }
     generated: dict[str, list[list[int]]] = {}
-    runs = [("engine", not args.skip_engine, lambda: run_engine(prompts, args)),
-            ("transformers", not args.skip_transformers, lambda: run_transformers(prompts, model_dir, gguf_name, args)),
-            ("vllm", args.vllm_python is not None, lambda: run_vllm(prompts, args))]
-    for name, wanted, run in runs:
-        if not wanted:
-            continue
-        print(f"[{name}] running {args.num_prompts} x ({args.input_len} in, {args.output_len} out) ...",
-              file=sys.stderr, flush=True)
-        all_seconds, token_ids, all_others = run()
+    starts = [("engine", not args.skip_engine, lambda: ChildSystem("engine", prompts, args)),
+              ("transformers", not args.skip_transformers, lambda: ChildSystem("transformers", prompts, args)),
+              ("vllm", args.vllm_python is not None, lambda: VllmSystem(prompts, args))]
+    systems: dict[str, object] = {}
+    runs: dict[str, list[Timed]] = {}
+    try:
+        for name, wanted, start in starts:
+            if wanted:
+                print(f"[{name}] loading and warming up ...", file=sys.stderr, flush=True)
+                systems[name] = start()
+                runs[name] = []
+        for round_no in range(args.repeats):
+            for name, system in systems.items():
+                print(f"[{name}] round {round_no + 1}/{args.repeats}: {args.num_prompts} x "
+                      f"({args.input_len} in, {args.output_len} out) ...", file=sys.stderr, flush=True)
+                runs[name].append(system.run())
+                gc.collect()
+    finally:
+        for system in systems.values():
+            system.close()
+
+    for name, timed in runs.items():
+        all_seconds = [t[0] for t in timed]
         median = sorted(range(len(all_seconds)), key=all_seconds.__getitem__)[len(all_seconds) // 2]
-        seconds, others_cpu = all_seconds[median], all_others[median]
+        seconds, token_ids, others_cpu = timed[median]
         result.setdefault("runs_seconds", {})[name] = [round(x, 3) for x in all_seconds]
-        gc.collect()
         count = sum(len(t) for t in token_ids)
         if count != expected:
             print(f"[{name}] WARNING: generated {count} tokens, expected {expected}", file=sys.stderr)
@@ -108,14 +123,21 @@ def main() -> int:
                       file=sys.stderr)
         result[f"{name}_tok_s"] = round(count / seconds, 2)
         generated[name] = token_ids
-        print(f"{name:>12}: {count / seconds:8.1f} generated tok/s  ({count} tokens in {seconds:.2f} s)", flush=True)
+        print(f"{name:>12}: {count / seconds:8.1f} generated tok/s  ({count} tokens in {seconds:.2f} s, "
+              f"median of {len(all_seconds)})", flush=True)
+
+    # The ratio of each round's runs, which ran minutes apart at most: steadier than the ratio of medians
+    # when the machine's speed drifts.
+    for other, key in (("transformers", "ratio_by_round"), ("vllm", "ratio_vs_vllm_by_round")):
+        if "engine" in runs and other in runs:
+            result[key] = [round(o[0] / e[0], 3) for e, o in zip(runs["engine"], runs[other])]
 
     if "engine_tok_s" in result and "transformers_tok_s" in result:
         result["ratio"] = round(result["engine_tok_s"] / result["transformers_tok_s"], 3)
-        print(f"engine / transformers = {result['ratio']:.2f}x")
+        print(f"engine / transformers = {result['ratio']:.2f}x  (by round: {result['ratio_by_round']})")
     if "engine_tok_s" in result and "vllm_tok_s" in result:
         result["ratio_vs_vllm"] = round(result["engine_tok_s"] / result["vllm_tok_s"], 3)
-        print(f"engine / vllm = {result['ratio_vs_vllm']:.2f}x")
+        print(f"engine / vllm = {result['ratio_vs_vllm']:.2f}x  (by round: {result['ratio_vs_vllm_by_round']})")
     # A fast system that generates different tokens would be a false win; bf16 rounding makes a few
     # greedy paths diverge legitimately, so agreement is reported, not enforced.
     names = list(generated)
@@ -141,7 +163,8 @@ def _parse_args() -> argparse.Namespace:
     p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N: where the engine and "
                                                    "transformers run (vLLM's CPU build stays on the CPU)")
     p.add_argument("--model", help="HF directory or .gguf file (default: the bundled SmolLM2 GGUF)")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs per system; the median is reported")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="rounds; each times every system once, and each system's median run is reported")
     p.add_argument("--vllm-python", help="python of an environment with vLLM (see shared/tools/vllm-peer-setup.sh)")
     p.add_argument("--vllm-model", help="HF model directory for vLLM (default: smollm2-hf beside that venv)")
     p.add_argument("--skip-engine", action="store_true", help="measure only the baselines")
@@ -201,58 +224,133 @@ def build_prompts(model_dir: str, gguf_name: str | None, num_prompts: int, input
     return prompts
 
 
-def run_engine(prompts: list[list[int]], args: argparse.Namespace) -> Timed:
-    from engine import Engine, EngineConfig, SamplingParams
-    # A 1 GiB pool on every device (the CPU's default) holds the whole workload at once; on CUDA the
-    # default would take most of the card, and its host checkpoint store twice that in pinned memory.
-    engine = Engine(EngineConfig(model=args.model, dtype=args.dtype, device=args.device, kv_cache_bytes=1 << 30))
+class ChildSystem:
+    """The engine or `transformers`, each in a process of its own that stays loaded between rounds.
+
+    Not in this one: two loaded systems in one process each keep a team of OpenMP threads, and on 2
+    cores both ran 30-40% slower beside each other (engine 18 s a run against 13 alone, transformers
+    27 against 21), though only one computed at a time."""
+
+    def __init__(self, name: str, prompts: list[list[int]], args: argparse.Namespace):
+        import multiprocessing
+        self.name = name
+        context = multiprocessing.get_context("spawn")
+        self.conn, child_conn = context.Pipe()
+        self.process = context.Process(target=_child_main, args=(name, prompts, args, child_conn), daemon=True)
+        self.process.start()
+        child_conn.close()
+        self._reply()  # loaded and warmed up
+
+    def _reply(self):
+        try:
+            kind, value = self.conn.recv()
+        except EOFError:
+            sys.exit(f"throughput.py: the {self.name} process exited ({self.process.exitcode})")
+        if kind == "error":
+            sys.exit(f"throughput.py: the {self.name} process failed: {value}")
+        return value
+
+    def run(self) -> Timed:
+        self.conn.send("run")
+        return self._reply()
+
+    def close(self) -> None:
+        try:
+            self.conn.send("quit")
+        except OSError:
+            pass
+        self.process.join(timeout=60)
+        if self.process.is_alive():
+            self.process.kill()
+
+
+def _child_main(name: str, prompts: list[list[int]], args: argparse.Namespace, conn) -> None:
     try:
-        engine.generate(prompts[:WARMUP_PROMPTS],
-                        SamplingParams(max_tokens=WARMUP_TOKENS, temperature=0.0, ignore_eos=True))
-        params = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True)
-        seconds, outs, others = _repeat(lambda: engine.generate(prompts, params), args.repeats)
-    finally:
-        engine.shutdown()
-    return seconds, [list(o.token_ids) for o in outs], others
+        if name == "engine":
+            system = EngineSystem(prompts, args)
+        else:
+            model_dir, gguf_name = model_location(args.model)
+            system = TransformersSystem(prompts, model_dir, gguf_name, args)
+        conn.send(("ready", None))
+        while conn.recv() == "run":
+            conn.send(("ok", system.run()))
+        system.close()
+    except Exception as exc:
+        conn.send(("error", f"{type(exc).__name__}: {exc}"))
+        raise
 
 
-def run_transformers(prompts: list[list[int]], model_dir: str, gguf_name: str | None,
-                     args: argparse.Namespace) -> Timed:
-    import torch
-    from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(model_dir, gguf_file=gguf_name, dtype=getattr(torch, args.dtype))
-    model.to(args.device).eval()
-    pad = model.generation_config.eos_token_id
-    pad = pad[0] if isinstance(pad, list) else pad
+class EngineSystem:
+    """The ConServe engine, loaded and warmed up; run() times the workload once."""
 
-    def generate(batch: list[list[int]], new_tokens: int) -> torch.Tensor:
+    def __init__(self, prompts: list[list[int]], args: argparse.Namespace):
+        from engine import Engine, EngineConfig, SamplingParams
+        # A 1 GiB pool on every device (the CPU's default) holds the whole workload at once; on CUDA the
+        # default would take most of the card, and its host checkpoint store twice that in pinned memory.
+        self.engine = Engine(EngineConfig(model=args.model, dtype=args.dtype, device=args.device,
+                                          kv_cache_bytes=1 << 30))
+        self.prompts = prompts
+        try:
+            self.engine.generate(prompts[:WARMUP_PROMPTS],
+                                 SamplingParams(max_tokens=WARMUP_TOKENS, temperature=0.0, ignore_eos=True))
+        except BaseException:
+            self.engine.shutdown()
+            raise
+        self.params = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True)
+
+    def run(self) -> Timed:
+        seconds, outs, others = _timed(lambda: self.engine.generate(self.prompts, self.params))
+        return seconds, [list(o.token_ids) for o in outs], others
+
+    def close(self) -> None:
+        self.engine.shutdown()
+
+
+class TransformersSystem:
+    """Hugging Face `transformers` batched generate on the same model, loaded and warmed up."""
+
+    def __init__(self, prompts: list[list[int]], model_dir: str, gguf_name: str | None, args: argparse.Namespace):
+        import torch
+        from transformers import AutoModelForCausalLM
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, gguf_file=gguf_name,
+                                                          dtype=getattr(torch, args.dtype))
+        self.model.to(args.device).eval()
+        pad = self.model.generation_config.eos_token_id
+        self.pad = pad[0] if isinstance(pad, list) else pad
+        self.prompts, self.device, self.output_len = prompts, args.device, args.output_len
+        self._generate(prompts[:WARMUP_PROMPTS], WARMUP_TOKENS)
+
+    def _generate(self, batch: list[list[int]], new_tokens: int):
+        import torch
         # All prompts have the same length, so no padding is needed; the mask is passed anyway so
         # transformers does not have to guess it from pad tokens.
-        input_ids = torch.tensor(batch, device=args.device)
+        input_ids = torch.tensor(batch, device=self.device)
         with torch.inference_mode():
-            out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                 do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                                 pad_token_id=pad)
+            out = self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                      do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                      pad_token_id=self.pad)
         return out[:, input_ids.shape[1]:].cpu()
 
-    generate(prompts[:WARMUP_PROMPTS], WARMUP_TOKENS)
-    seconds, new, others = _repeat(lambda: generate(prompts, args.output_len), args.repeats)
-    del model
-    return seconds, new.tolist(), others
+    def run(self) -> Timed:
+        seconds, new, others = _timed(lambda: self._generate(self.prompts, self.output_len))
+        return seconds, new.tolist(), others
+
+    def close(self) -> None:
+        del self.model
 
 
-def _repeat(generate, repeats: int) -> tuple[list[float], object, list[float | None]]:
-    """Time `repeats` calls of generate(); return their seconds, the last result, and others' CPU time."""
-    seconds, others, result = [], [], None
-    for _ in range(repeats):
-        before, start = cpu_by_process(), time.perf_counter()
-        result = generate()
-        seconds.append(time.perf_counter() - start)
-        others.append(others_cpu_seconds(before, cpu_by_process()))
-    return seconds, result, others
+def _timed(generate) -> tuple[float, object, float | None]:
+    """Time one call of generate(); return its seconds, its result, and others' CPU seconds meanwhile."""
+    before, start = cpu_by_process(), time.perf_counter()
+    result = generate()
+    seconds = time.perf_counter() - start
+    return seconds, result, others_cpu_seconds(before, cpu_by_process())
 
 
-# Runs inside the vLLM environment. vLLM starts workers with spawn, hence the __main__ guard.
+# Runs inside the vLLM environment and stays up across rounds: it loads and warms up, then times one
+# run for every "run RESULT_PATH" line on its stdin, writing the result there (whole, then renamed, so
+# the parent never reads half a file); "quit" or end of input stops it. vLLM starts workers with spawn,
+# hence the __main__ guard.
 VLLM_CHILD = """\
 from __future__ import annotations
 import json, os, sys, time
@@ -268,37 +366,49 @@ def main():
     warm = SamplingParams(max_tokens=job["warmup_tokens"], temperature=0.0, ignore_eos=True)
     llm.generate(prompts[:job["warmup_prompts"]], warm, use_tqdm=False)
     params = SamplingParams(max_tokens=job["output_len"], temperature=0.0, ignore_eos=True)
-    seconds, others = [], []
-    for _ in range(job["repeats"]):
+    ready = job["ready"]
+    open(ready + ".tmp", "w").write(vllm.__version__)
+    os.replace(ready + ".tmp", ready)
+    for line in sys.stdin:
+        command = line.split()
+        if not command or command[0] != "run":
+            break
         before, start = cpu_by_process(), time.perf_counter()
         outs = llm.generate(prompts, params, use_tqdm=False)
-        seconds.append(time.perf_counter() - start)
-        others.append(others_cpu_seconds(before, cpu_by_process()))
-    token_ids = [list(o.outputs[0].token_ids) for o in outs]
-    json.dump({"seconds": seconds, "token_ids": token_ids, "version": vllm.__version__,
-               "others_cpu": others}, open(job["result"], "w"))
+        seconds = time.perf_counter() - start
+        others = others_cpu_seconds(before, cpu_by_process())
+        token_ids = [list(o.outputs[0].token_ids) for o in outs]
+        json.dump({"seconds": seconds, "token_ids": token_ids, "others_cpu": others},
+                  open(command[1] + ".tmp", "w"))
+        os.replace(command[1] + ".tmp", command[1])
 
 if __name__ == "__main__":
     main()
 """
+# Longest wait for the vLLM child to load, or to finish one run, before giving up on it.
+VLLM_TIMEOUT_S = 900
 
 
-def run_vllm(prompts: list[list[int]], args: argparse.Namespace) -> Timed:
-    # DIR/venv/bin/python -> DIR (vllm-peer-setup.sh's layout). abspath, not realpath: a venv's python
-    # is a symlink to the system interpreter.
-    peer_dir = Path(os.path.abspath(args.vllm_python)).parents[2]
-    model = args.vllm_model or str(peer_dir / "smollm2-hf")
-    if not Path(model, "config.json").exists():
-        sys.exit(f"throughput.py: no Hugging Face model at {model}; pass --vllm-model")
-    env_sh = peer_dir / "env.sh"
-    with tempfile.TemporaryDirectory() as tmp:
-        child, job, result = Path(tmp, "vllm_child.py"), Path(tmp, "job.json"), Path(tmp, "result.json")
+class VllmSystem:
+    """vLLM's CPU build in its own environment (see shared/tools/vllm-peer-setup.sh), as a child process
+    that stays loaded between rounds."""
+
+    def __init__(self, prompts: list[list[int]], args: argparse.Namespace):
+        # DIR/venv/bin/python -> DIR (vllm-peer-setup.sh's layout). abspath, not realpath: a venv's python
+        # is a symlink to the system interpreter.
+        peer_dir = Path(os.path.abspath(args.vllm_python)).parents[2]
+        model = args.vllm_model or str(peer_dir / "smollm2-hf")
+        if not Path(model, "config.json").exists():
+            sys.exit(f"throughput.py: no Hugging Face model at {model}; pass --vllm-model")
+        env_sh = peer_dir / "env.sh"
+        self.tmp = tempfile.TemporaryDirectory()
+        tmp = Path(self.tmp.name)
+        child, job, self.ready = tmp / "vllm_child.py", tmp / "job.json", tmp / "ready"
         helpers = "\n\n".join(inspect.getsource(f) for f in (cpu_by_process, others_cpu_seconds))
         child.write_text(VLLM_CHILD.replace("{helpers}", helpers))
         job.write_text(json.dumps({"model": model, "dtype": args.dtype, "prompts": prompts,
-                                   "output_len": args.output_len, "result": str(result),
-                                   "warmup_prompts": WARMUP_PROMPTS, "warmup_tokens": WARMUP_TOKENS,
-                                   "repeats": args.repeats}))
+                                   "output_len": args.output_len, "ready": str(self.ready),
+                                   "warmup_prompts": WARMUP_PROMPTS, "warmup_tokens": WARMUP_TOKENS}))
         # env.sh binds vLLM's OpenMP threads to every core (its default leaves one idle) and keeps it offline.
         if env_sh.exists():
             command = ["bash", "-c", 'source "$1" && exec "$2" "$3" "$4"', "_", str(env_sh),
@@ -310,10 +420,41 @@ def run_vllm(prompts: list[list[int]], args: argparse.Namespace) -> Timed:
             env = dict(os.environ, VLLM_CPU_OMP_THREADS_BIND=f"0-{os.cpu_count() - 1}", VLLM_CPU_KVCACHE_SPACE="2",
                        HF_HUB_OFFLINE="1", VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1")
         # vLLM's logs go to our stderr so that stdout holds only the results.
-        subprocess.run(command, env=env, stdout=sys.stderr, check=True)
+        self.process = subprocess.Popen(command, env=env, stdin=subprocess.PIPE, stdout=sys.stderr, text=True)
+        self.runs = 0
+        try:
+            self._wait_for(self.ready, "load")
+        except BaseException:
+            self.close()
+            raise
+        print(f"[vllm] version {self.ready.read_text()}", file=sys.stderr)
+
+    def _wait_for(self, path: Path, what: str) -> None:
+        deadline = time.monotonic() + VLLM_TIMEOUT_S
+        while not path.exists():
+            if self.process.poll() is not None:
+                sys.exit(f"throughput.py: the vLLM child exited ({self.process.returncode}) during its {what}")
+            if time.monotonic() > deadline:
+                sys.exit(f"throughput.py: the vLLM child did not finish its {what} in {VLLM_TIMEOUT_S} s")
+            time.sleep(0.05)
+
+    def run(self) -> Timed:
+        self.runs += 1
+        result = Path(self.tmp.name, f"run-{self.runs}.json")
+        self.process.stdin.write(f"run {result}\n")
+        self.process.stdin.flush()
+        self._wait_for(result, "run")
         out = json.loads(result.read_text())
-    print(f"[vllm] version {out['version']}", file=sys.stderr)
-    return out["seconds"], out["token_ids"], out["others_cpu"]
+        return out["seconds"], out["token_ids"], out["others_cpu"]
+
+    def close(self) -> None:
+        try:
+            self.process.stdin.close()  # end of input: the child leaves its loop and exits
+            self.process.wait(timeout=60)
+        except (OSError, subprocess.TimeoutExpired):
+            self.process.kill()
+            self.process.wait()
+        self.tmp.cleanup()
 
 
 def cpu_by_process() -> dict[int, tuple[int, float]] | None:
