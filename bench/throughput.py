@@ -17,7 +17,7 @@ another compare different minutes of the machine; each round's ratios compare th
 from __future__ import annotations
 
 import argparse
-import gc
+import functools
 import importlib.metadata
 import importlib.util
 import inspect
@@ -85,8 +85,11 @@ def main() -> int:
         "seconds": {},
     }
     generated: dict[str, list[list[int]]] = {}
-    starts = [("engine", not args.skip_engine, lambda: ChildSystem("engine", prompts, args)),
-              ("transformers", not args.skip_transformers, lambda: ChildSystem("transformers", prompts, args)),
+    starts = [("engine", not args.skip_engine,
+               lambda: ChildSystem("engine", functools.partial(EngineSystem, prompts, args))),
+              ("transformers", not args.skip_transformers,
+               lambda: ChildSystem("transformers",
+                                   functools.partial(TransformersSystem, prompts, model_dir, gguf_name, args))),
               ("vllm", args.vllm_python is not None, lambda: VllmSystem(prompts, args))]
     systems: dict[str, object] = {}
     runs: dict[str, list[Timed]] = {}
@@ -101,7 +104,6 @@ def main() -> int:
                 print(f"[{name}] round {round_no + 1}/{args.repeats}: {args.num_prompts} x "
                       f"({args.input_len} in, {args.output_len} out) ...", file=sys.stderr, flush=True)
                 runs[name].append(system.run())
-                gc.collect()
     finally:
         for system in systems.values():
             system.close()
@@ -231,12 +233,13 @@ class ChildSystem:
     cores both ran 30-40% slower beside each other (engine 18 s a run against 13 alone, transformers
     27 against 21), though only one computed at a time."""
 
-    def __init__(self, name: str, prompts: list[list[int]], args: argparse.Namespace):
+    def __init__(self, name: str, make):
+        """make(): builds the system in the child (picklable: a partial of EngineSystem or TransformersSystem)."""
         import multiprocessing
         self.name = name
         context = multiprocessing.get_context("spawn")
         self.conn, child_conn = context.Pipe()
-        self.process = context.Process(target=_child_main, args=(name, prompts, args, child_conn), daemon=True)
+        self.process = context.Process(target=_child_main, args=(make, child_conn), daemon=True)
         self.process.start()
         child_conn.close()
         self._reply()  # loaded and warmed up
@@ -264,13 +267,9 @@ class ChildSystem:
             self.process.kill()
 
 
-def _child_main(name: str, prompts: list[list[int]], args: argparse.Namespace, conn) -> None:
+def _child_main(make, conn) -> None:
     try:
-        if name == "engine":
-            system = EngineSystem(prompts, args)
-        else:
-            model_dir, gguf_name = model_location(args.model)
-            system = TransformersSystem(prompts, model_dir, gguf_name, args)
+        system = make()
         conn.send(("ready", None))
         while conn.recv() == "run":
             conn.send(("ok", system.run()))
@@ -373,10 +372,7 @@ def main():
         command = line.split()
         if not command or command[0] != "run":
             break
-        before, start = cpu_by_process(), time.perf_counter()
-        outs = llm.generate(prompts, params, use_tqdm=False)
-        seconds = time.perf_counter() - start
-        others = others_cpu_seconds(before, cpu_by_process())
+        seconds, outs, others = _timed(lambda: llm.generate(prompts, params, use_tqdm=False))
         token_ids = [list(o.outputs[0].token_ids) for o in outs]
         json.dump({"seconds": seconds, "token_ids": token_ids, "others_cpu": others},
                   open(command[1] + ".tmp", "w"))
@@ -404,7 +400,7 @@ class VllmSystem:
         self.tmp = tempfile.TemporaryDirectory()
         tmp = Path(self.tmp.name)
         child, job, self.ready = tmp / "vllm_child.py", tmp / "job.json", tmp / "ready"
-        helpers = "\n\n".join(inspect.getsource(f) for f in (cpu_by_process, others_cpu_seconds))
+        helpers = "\n\n".join(inspect.getsource(f) for f in (cpu_by_process, others_cpu_seconds, _timed))
         child.write_text(VLLM_CHILD.replace("{helpers}", helpers))
         job.write_text(json.dumps({"model": model, "dtype": args.dtype, "prompts": prompts,
                                    "output_len": args.output_len, "ready": str(self.ready),

@@ -34,12 +34,15 @@ def save_char_model(path: Path) -> None:
     rust.pre_tokenizer = Split(Regex("."), behavior="isolated")
     PreTrainedTokenizerFast(tokenizer_object=rust, unk_token="<unk>", bos_token="<s>",
                             eos_token="</s>").save_pretrained(path)
-    torch.manual_seed(0)
+    # initializer_range 0.1, as the engine tests' tiny models: each greedy choice then has a clear
+    # winner, so two correct float32 implementations agree on all of them.
     config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+                         tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, initializer_range=0.1)
     assert len(vocab) <= config.vocab_size
-    LlamaForCausalLM(config).save_pretrained(path)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        LlamaForCausalLM(config).save_pretrained(path)
 
 
 def test_interleaved_rounds_in_separate_processes(tmp_path):
