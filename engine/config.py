@@ -27,6 +27,10 @@ class EngineConfig:
     # Decode mirror (engine/decode_mirror.py): most bytes its contiguous copy of the decoding sequences'
     # keys and values may take; None: twice the KV pool on CPU (within 20% of RAM), off on CUDA; 0: off.
     decode_mirror_bytes: int | None = None
+    # Decode steps replayed from CUDA graphs (engine/decode_graphs.py): "auto" on CUDA only, "off", or
+    # "on", which on a CPU runs the graphs' padded static-buffer path eagerly (to test it; no faster
+    # there). With graphs on, the decode mirror is off; "auto" yields to a mirror asked for explicitly.
+    decode_graphs: str = "auto"
     # ---- co-serving (engine/policy.py names the policies) ----
     policy: str = "conserve"           # "online-only", "fcfs", "priority" or "conserve"
     slo_ttft_ms: float = 1000.0        # online time-to-first-token target
@@ -56,6 +60,11 @@ class EngineConfig:
         self.torch_device()
         from engine.policy import Policy  # policy.py needs nothing from here; imported late to stay one-way
         Policy.parse(self.policy)
+        if self.decode_graphs not in ("auto", "on", "off"):
+            raise InvalidRequestError(f"decode_graphs must be 'auto', 'on' or 'off', got {self.decode_graphs!r}")
+        if self.decode_graphs == "on" and self.decode_mirror_bytes:
+            raise InvalidRequestError("decode_graphs='on' and a decode mirror exclude each other; set "
+                                      "decode_mirror_bytes=0 or decode_graphs to 'auto' or 'off'")
         if self.preemption_mode not in ("park", "discard"):
             raise InvalidRequestError(f"preemption_mode must be 'park' or 'discard', got {self.preemption_mode!r}")
         for name in ("slo_ttft_ms", "slo_tpot_ms", "profile_seconds"):

@@ -14,6 +14,7 @@ import torch
 from engine.attention import TorchAttentionBackend
 from engine.checkpoint import Checkpointer, HostKVStore
 from engine.config import EngineConfig
+from engine.decode_graphs import DecodeGraphs
 from engine.decode_mirror import DecodeMirror
 from engine.cpu_tuning import keep_large_allocations_in_heap
 from engine.detokenizer import IncrementalDetokenizer
@@ -60,6 +61,10 @@ class EngineStats:
 # The default host checkpoint store takes at most this share of the machine's physical memory, split
 # evenly between the GPUs the process sees (one worker per GPU on one host each take their part).
 HOST_STORE_RAM_SHARE = 0.4
+# Longest context decode graphs are captured for; decodes of longer contexts run eagerly. Their buffers
+# and the gathered keys and values of a full batch grow with it (a batch of 256 sequences of SmolLM2 at
+# 4,096 tokens gathers 400 MB a layer in bf16).
+GRAPHS_MAX_CONTEXT = 4096
 # Most of host RAM the decode mirror may take by default (on CPU, beside the pool and the host store).
 DECODE_MIRROR_RAM_SHARE = 0.2
 
@@ -122,12 +127,23 @@ class Engine:
         pool_tokens = num_blocks * config.block_size
         self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, pool_tokens)
         self.pool = BlockPool(num_blocks, config.block_size)
-        self.kv_cache = KVCache(mc, num_blocks, config.block_size, dtype, self.device)
+        # "auto" leaves the graphs off where the decode mirror is asked for explicitly (they exclude each other).
+        graphs = config.decode_graphs == "on" or (config.decode_graphs == "auto" and self.device.type == "cuda"
+                                                   and not config.decode_mirror_bytes)
+        # With decode graphs the cache holds one block beyond the pool's: the graphs' padding rows write
+        # and read it, and no request ever owns it.
+        self.kv_cache = KVCache(mc, num_blocks + (1 if graphs else 0), config.block_size, dtype, self.device)
         backend = TorchAttentionBackend(mc.num_attention_heads, mc.num_key_value_heads, mc.head_dim,
                                         config.block_size)
         model = LlamaModel(mc, loaded.tensors, backend, self.max_model_len, dtype, self.device)
         loaded.tensors.clear()  # the model holds its own (fused, converted) copies
-        self.runner = ModelRunner(model, self.kv_cache, self.device, self._decode_mirror(mc, num_blocks, dtype))
+        if graphs:
+            self.runner = ModelRunner(model, self.kv_cache, self.device, graphs=DecodeGraphs(
+                model, self.kv_cache, scratch_block=num_blocks, max_batch=config.max_num_seqs,
+                max_context=min(self.max_model_len, GRAPHS_MAX_CONTEXT), device=self.device,
+                capture=self.device.type == "cuda"))
+        else:
+            self.runner = ModelRunner(model, self.kv_cache, self.device, self._decode_mirror(mc, num_blocks, dtype))
         self.policy = Policy.parse(config.policy)
         cost_model = None
         if self.policy.harvests:

@@ -82,26 +82,37 @@ class LlamaModel:
         `safepoint` is asked before each layer (the first one a resumed step runs excepted, so a resumed
         step always advances) and may stop the pass there: it then returns Parked, which `resume` takes
         back to finish the same step."""
-        cfg = self.config
-        n = input_ids.shape[0]
-        heads, kv_heads, d, eps = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.rms_norm_eps
         cos, sin = self.rope.lookup(positions)
         first = resume.layer if resume is not None else 0
         h = resume.hidden if resume is not None else F.embedding(input_ids, self.embed)
         for i in range(first, len(self.layers)):
-            layer = self.layers[i]
             if safepoint is not None and (i > first or resume is None) and safepoint(i):
                 return Parked(i, h)
-            x = F.rms_norm(h, (h.shape[-1],), layer.input_norm, eps)
-            qkv = layer.qkv(x)
-            qk = qkv[:, : (heads + kv_heads) * d].view(n, heads + kv_heads, d)
-            qk = apply_rotary(qk, cos, sin)
-            q, k = qk[:, :heads], qk[:, heads:]
-            v = qkv[:, (heads + kv_heads) * d:].view(n, kv_heads, d)
-            attn = self.backend.forward(q, k, v, kv_cache.keys[i], kv_cache.values[i], meta, i)
-            h = h + layer.o(attn)
-            x = F.rms_norm(h, (h.shape[-1],), layer.post_norm, eps)
-            gate, up = layer.gate_up(x).chunk(2, dim=-1)
-            h = h + layer.down(F.silu(gate) * up)
-        h = F.rms_norm(h[logits_indices], (h.shape[-1],), self.norm, eps)
+            h = self.layer_forward(i, h, cos, sin, meta, kv_cache)
+        return self.head(h[logits_indices])
+
+    def layer_forward(self, i: int, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                      meta: AttentionMetadata, kv_cache: KVCache) -> torch.Tensor:
+        """Layer i on hidden states h [N, hidden] (cos, sin from rope.lookup); writes the layer's keys
+        and values into the cache and returns the next hidden states. Also captured, layer by layer,
+        into the decode steps' CUDA graphs (engine/decode_graphs.py)."""
+        cfg = self.config
+        n = h.shape[0]
+        heads, kv_heads, d, eps = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.rms_norm_eps
+        layer = self.layers[i]
+        x = F.rms_norm(h, (h.shape[-1],), layer.input_norm, eps)
+        qkv = layer.qkv(x)
+        qk = qkv[:, : (heads + kv_heads) * d].view(n, heads + kv_heads, d)
+        qk = apply_rotary(qk, cos, sin)
+        q, k = qk[:, :heads], qk[:, heads:]
+        v = qkv[:, (heads + kv_heads) * d:].view(n, kv_heads, d)
+        attn = self.backend.forward(q, k, v, kv_cache.keys[i], kv_cache.values[i], meta, i)
+        h = h + layer.o(attn)
+        x = F.rms_norm(h, (h.shape[-1],), layer.post_norm, eps)
+        gate, up = layer.gate_up(x).chunk(2, dim=-1)
+        return h + layer.down(F.silu(gate) * up)
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """The final norm and the LM head: logits for the hidden rows given."""
+        h = F.rms_norm(h, (h.shape[-1],), self.norm, self.config.rms_norm_eps)
         return self.lm_head(h)

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.attention import AttentionMetadata, PrefillGroup
+from engine.decode_graphs import DecodeGraphs
 from engine.decode_mirror import DecodeMirror
 from engine.kv_cache import KVCache, blocks_for, slot_numbers
 from engine.model import LlamaModel, Parked, Safepoint
@@ -33,7 +34,9 @@ class StepBatch:
 class ParkedStep:
     """A step stopped at a safepoint (layer-wise preemption), kept to be finished later."""
     chunks: list[ScheduledChunk]
-    batch: StepBatch
+    # None for a step stopped in the decode graphs: its hidden rows are in the chunks' order, and the
+    # eager batch that finishes it is built only if it is resumed or shed.
+    batch: StepBatch | None
     state: Parked
 
     @property
@@ -43,9 +46,13 @@ class ParkedStep:
 
 class ModelRunner:
     def __init__(self, model: LlamaModel, kv_cache: KVCache, device: torch.device,
-                 mirror: DecodeMirror | None = None):
+                 mirror: DecodeMirror | None = None, graphs: DecodeGraphs | None = None):
+        if mirror is not None and graphs is not None:
+            # A graphed step writes the pool only, which would leave the mirror a token behind.
+            raise ValueError("the decode mirror and decode graphs exclude each other")
         self.model = model
         self.mirror = mirror
+        self.graphs = graphs
         self.kv_cache = kv_cache
         self.block_size = kv_cache.block_size
         num_kv_heads = kv_cache.keys[0].shape[0]
@@ -60,7 +67,26 @@ class ModelRunner:
         """Compute the chunks' keys and values into the cache; return the token sampled for each request
         whose chunk reached its last token. The caller advances num_computed_tokens.
         If `safepoint` stops the step between layers, return it parked instead (nothing is sampled)."""
+        if self.graphs is not None and chunks and all(c.num_tokens == 1 for c in chunks):
+            result = self._run_graphed(chunks, safepoint)
+            if result is not None:
+                return result
         return self._run(chunks, self.prepare(chunks), safepoint, None)
+
+    def _run_graphed(self, chunks: list[ScheduledChunk], safepoint: Safepoint | None):
+        """A step of single-token chunks through the decode graphs; None if they cannot take it."""
+        requests = [c.request for c in chunks]
+        sampled = [i for i, c in enumerate(chunks) if c.samples]
+        plan = self.graphs.plan(requests, sampled)
+        logits = self.graphs.run(plan, safepoint) if plan is not None else None
+        if logits is None:
+            return None
+        if isinstance(logits, Parked):  # finished (or shed) eagerly, if at all, from the layer it stopped at
+            return ParkedStep(chunks, None, logits)
+        if not sampled:
+            return []
+        sampling = [requests[i] for i in sampled]
+        return list(zip(sampling, sample(logits, sampling)))
 
     @torch.inference_mode()
     def shed(self, parked: ParkedStep, keep: list[ScheduledChunk]) -> list[tuple[Request, int]]:
@@ -69,7 +95,8 @@ class ModelRunner:
         theirs was committed; their requests run again)."""
         # No mirror: the parked step left the mirror's layers unequal, and this one runs only the rest.
         batch = self.prepare(keep, use_mirror=False)
-        old_start = {id(c): row for c, row in parked.batch.chunk_rows}
+        old_start = ({id(c): row for c, row in parked.batch.chunk_rows} if parked.batch is not None
+                     else {id(c): row for row, c in enumerate(parked.chunks)})
         rows = [old_start[id(c)] + j for c, _ in batch.chunk_rows for j in range(c.num_tokens)]
         hidden = parked.state.hidden.index_select(0, torch.tensor(rows, device=self.device))
         return self._run(keep, batch, None, Parked(parked.state.layer, hidden))
@@ -78,7 +105,8 @@ class ModelRunner:
     def resume(self, parked: ParkedStep,
                safepoint: Safepoint | None = None) -> list[tuple[Request, int]] | ParkedStep:
         """Finish a parked step from the layer it stopped at (it may stop again at a later layer)."""
-        return self._run(parked.chunks, parked.batch, safepoint, parked.state)
+        batch = parked.batch if parked.batch is not None else self.prepare(parked.chunks, use_mirror=False)
+        return self._run(parked.chunks, batch, safepoint, parked.state)
 
     def _run(self, chunks, batch: StepBatch, safepoint, resume: Parked | None):
         try:

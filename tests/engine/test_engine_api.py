@@ -339,7 +339,8 @@ def test_stats_count_running_requests_by_class(tiny, wait_for_stats):
 
 @pytest.mark.parametrize("settings", [
     dict(block_size=0), dict(max_num_seqs=0), dict(max_num_batched_tokens=-5), dict(num_kv_blocks=0),
-    dict(dtype="int8"), dict(device="tpu"), dict(gpu_memory_utilization=1.5),
+    dict(dtype="int8"), dict(device="tpu"), dict(gpu_memory_utilization=1.5), dict(decode_graphs="yes"),
+    dict(decode_graphs="on", decode_mirror_bytes=1 << 20),
 ])
 def test_bad_engine_settings_are_refused_before_loading(settings):
     from engine.config import EngineConfig
