@@ -63,12 +63,16 @@ def measure_step(runner: ModelRunner, pool: BlockPool, chunks: Chunks, repeats: 
             requests.append(req)
         step = [ScheduledChunk(req, p) for req, (p, _) in zip(requests, chunks)]
         sync = torch.cuda.synchronize if runner.device.type == "cuda" else (lambda device: None)
+        graphs = runner.graphs
         times = []
         while len(times) < repeats and sum(times) < enough_s:
+            captured = graphs.capture_seconds if graphs is not None else 0.0
             sync(runner.device)  # on CUDA the clock must not start while earlier work is still queued
             start = time.perf_counter()
             runner.execute(step)
             sync(runner.device)
+            if graphs is not None and graphs.capture_seconds != captured:
+                continue  # the run captured this shape's decode graphs: that is no step's time
             times.append(time.perf_counter() - start)
         return min(times)
     finally:
@@ -129,7 +133,7 @@ def profile_cost_model(runner: ModelRunner, pool: BlockPool, max_tokens: int, ma
     generator = torch.Generator().manual_seed(seed)
     deadline = time.perf_counter() + time_budget_s
     # Warm-up: first calls pay for lazy initialisation and the allocator growing its heap.
-    for chunks in ([(1, 8)], [(min(64, max_tokens), 0)], [(1, 8)] * max_seqs):
+    for chunks in ([(1, 8)], [(min(64, max_tokens, max_context), 0)], [(1, 8)] * max_seqs):
         measure_step(runner, pool, chunks, repeats=1, generator=generator)
     samples: list[Sample] = []
     for chunks in profile_shapes(max_tokens, max_seqs, max_context, rng):

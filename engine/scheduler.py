@@ -302,11 +302,13 @@ class Scheduler:
             queue = self._queue(req)
             if req in queue:
                 queue.remove(req)
+        if self.checkpoints is not None:
+            # Before the blocks go: a copy the store's thread is about to plan must see the request
+            # gone (on CUDA it planned slots from an emptied block table and the thread died).
+            self.checkpoints.drop(req)
         self.pool.free(req.block_ids)
         req.block_ids = []
         req.status = RequestStatus.FINISHED
-        if self.checkpoints is not None:
-            self.checkpoints.drop(req)
 
 
 class _StepPlan:

@@ -16,6 +16,7 @@ from engine.kv_cache import BlockPool, KVCache
 from engine.model import LlamaModel
 from engine.model_runner import ModelRunner
 from engine.profiler import device_key, load_or_profile, measure_step, profile_cost_model
+from engine.sampling_params import SamplingParams
 from tiny_models import build_tiny_model
 
 # Median relative error allowed on steps the profile never timed. Measured 5-11% on a quiet machine,
@@ -188,3 +189,13 @@ def test_profiled_shapes_never_pass_the_context_when_the_token_budget_is_larger(
 
     shapes = profile_shapes(2048, 64, max_context, random.Random(0))
     assert max(p + c for step in shapes for p, c in step) <= max_context
+
+
+def test_an_engine_whose_context_is_shorter_than_the_profiles_warm_up_still_profiles(tmp_path):
+    """The profile's warm-up prefill is cut to the context: a 64-token warm-up chunk in a 32-token
+    context looked positions up past the rotary table (a device-side assert on CUDA)."""
+    tiny = build_tiny_model()
+    with tiny.engine(max_model_len=32, profile_cache_dir=tmp_path) as engine:
+        assert engine.scheduler.cost_model is not None
+        out = engine.generate([[5, 6, 7]], SamplingParams(max_tokens=29, temperature=0.0, ignore_eos=True))[0]
+    assert out.token_ids == tiny.reference_greedy([5, 6, 7], 29)
