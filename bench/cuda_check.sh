@@ -1,11 +1,12 @@
 #!/bin/bash
 # The engine's CUDA path in one go, for a CUDA machine (CI has none): the engine test suite on the GPU,
-# throughput against transformers, how busy the GPU is, and the co-serving benchmark, all on a random-
-# weight twin of the bundled model unless MODEL names a real one. Logs and JSON go to OUT (default
-# ./cuda-check). Runs with the python on PATH (PY=...), which must hold a CUDA torch and this project's
-# engine dependencies (torch, transformers, safetensors, gguf, numpy, jinja2, pytest, matplotlib).
+# how busy the GPU is and the throughput against transformers, each with the decode CUDA graphs on and
+# off, and the co-serving benchmark, all on a random-weight twin of the bundled model unless MODEL
+# names a real one. Logs and JSON go to OUT (default ./cuda-check). Runs with the python on PATH
+# (PY=...), which must hold a CUDA torch and this project's engine dependencies (torch, transformers,
+# safetensors, gguf, numpy, jinja2, pytest, matplotlib).
 #
-#   bash bench/cuda_check.sh                 # about 6 minutes on an H200
+#   bash bench/cuda_check.sh                 # about 7 minutes on an H200
 #   DURATION=60 OUT=/tmp/cc bash bench/cuda_check.sh
 set -u
 cd "$(dirname "$0")/.."
@@ -29,21 +30,37 @@ if [ ! -e "$MODEL" ] || { [ -d "$MODEL" ] && ! ls "$MODEL"/*.safetensors >/dev/n
   (cd bench && $PY random_twin.py "$MODEL") 2>&1 | tail -1
 fi
 
-step "engine tests on $DEVICE"
-CONSERVE_TEST_DEVICE=$DEVICE timeout 300 $PY -m pytest tests/engine -q -m "not bundled" --tb=short -rf -o timeout=60 \
-  > "$OUT/pytest_cuda.log" 2>&1
-echo "pytest exit $?"; tail -8 "$OUT/pytest_cuda.log"
-
-step throughput
-(cd bench && timeout 300 $PY throughput.py --device $DEVICE --model "$MODEL" --repeats 3 \
-  --json "$OUT/throughput_cuda.json" > "$OUT/throughput_cuda.log" 2>&1)
-echo "throughput exit $?"; grep -E "tok/s|x$" "$OUT/throughput_cuda.log"
+# The decode graphs first (what a short lease must not miss): their tests and transformers' tokens on
+# the device, then how busy the GPU is and the throughput with and without them, then the rest.
+step "decode graph tests on $DEVICE"
+CONSERVE_TEST_DEVICE=$DEVICE timeout 120 $PY -m pytest tests/engine/test_decode_graphs.py \
+  tests/engine/test_model_vs_transformers.py -q -m "not bundled" --tb=short -rf -o timeout=60 \
+  > "$OUT/pytest_graphs.log" 2>&1
+echo "pytest exit $?"; tail -4 "$OUT/pytest_graphs.log"
 
 if [ "$DEVICE" != cpu ]; then
-  step "gpu busy"
-  timeout 120 $PY bench/gpu_busy.py --model "$MODEL" --device "$DEVICE" > "$OUT/gpu_busy.log" 2>&1
-  echo "gpu_busy exit $?"; head -1 "$OUT/gpu_busy.log"
+  for graphs in on off; do
+    step "gpu busy, decode graphs $graphs"
+    timeout 120 $PY bench/gpu_busy.py --model "$MODEL" --device "$DEVICE" --decode-graphs $graphs \
+      > "$OUT/gpu_busy_$graphs.log" 2>&1
+    echo "gpu_busy exit $?"; grep "^decode graphs" "$OUT/gpu_busy_$graphs.log"
+  done
 fi
+
+step throughput
+(cd bench && timeout 200 $PY throughput.py --device $DEVICE --model "$MODEL" --repeats 3 \
+  --json "$OUT/throughput_cuda.json" > "$OUT/throughput_cuda.log" 2>&1)
+echo "throughput exit $?"; grep -E "tok/s|x$" "$OUT/throughput_cuda.log"
+step "throughput, engine without decode graphs"
+(cd bench && timeout 120 $PY throughput.py --device $DEVICE --model "$MODEL" --repeats 3 --skip-transformers \
+  --decode-graphs off --json "$OUT/throughput_cuda_eager.json" > "$OUT/throughput_cuda_eager.log" 2>&1)
+echo "throughput exit $?"; grep -E "tok/s|x$" "$OUT/throughput_cuda_eager.log"
+
+step "engine tests on $DEVICE"
+CONSERVE_TEST_DEVICE=$DEVICE timeout 300 $PY -m pytest tests/engine -q -m "not bundled" --tb=short -rf -o timeout=60 \
+  --ignore tests/engine/test_decode_graphs.py --ignore tests/engine/test_model_vs_transformers.py \
+  > "$OUT/pytest_cuda.log" 2>&1
+echo "pytest exit $?"; tail -8 "$OUT/pytest_cuda.log"
 
 step "co-serving, ${DURATION} s per policy"
 (cd bench && timeout $((DURATION * 8 + 300)) $PY coserve.py --device $DEVICE --model "$MODEL" --duration "$DURATION" \

@@ -77,7 +77,8 @@ def main() -> int:
     result: dict = {
         "workload": {"num_prompts": args.num_prompts, "input_len": args.input_len,
                      "output_len": args.output_len, "dtype": args.dtype, "greedy": True, "ignore_eos": True,
-                     "model": gguf_name or model_dir, "device": args.device},
+                     "model": gguf_name or model_dir, "device": args.device,
+                     "decode_graphs": args.decode_graphs},
         "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                     "torch": torch.__version__,
                     "transformers": importlib.metadata.version("transformers"), "python": platform.python_version(),
@@ -165,6 +166,8 @@ def _parse_args() -> argparse.Namespace:
     p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N: where the engine and "
                                                    "transformers run (vLLM's CPU build stays on the CPU)")
     p.add_argument("--model", help="HF directory or .gguf file (default: the bundled SmolLM2 GGUF)")
+    p.add_argument("--decode-graphs", choices=("auto", "on", "off"), default="auto",
+                   help="the engine's decode CUDA graphs (auto: on CUDA only)")
     p.add_argument("--repeats", type=int, default=3,
                    help="rounds; each times every system once, and each system's median run is reported")
     p.add_argument("--vllm-python", help="python of an environment with vLLM (see shared/tools/vllm-peer-setup.sh)")
@@ -287,7 +290,7 @@ class EngineSystem:
         # A 1 GiB pool on every device (the CPU's default) holds the whole workload at once; on CUDA the
         # default would take most of the card, and its host checkpoint store twice that in pinned memory.
         self.engine = Engine(EngineConfig(model=args.model, dtype=args.dtype, device=args.device,
-                                          kv_cache_bytes=1 << 30))
+                                          kv_cache_bytes=1 << 30, decode_graphs=args.decode_graphs))
         self.prompts = prompts
         try:
             self.engine.generate(prompts[:WARMUP_PROMPTS],
