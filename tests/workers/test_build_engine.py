@@ -20,6 +20,10 @@ def test_engine_settings_reach_the_engine(tmp_path, monkeypatch):
         assert engine.checkpointer is None and engine.max_model_len == 256  # conserve, but the store is off
     with build_engine(settings.model_copy(update={"decode_mirror_bytes": 1 << 20})) as engine:
         assert engine.runner.mirror is not None and engine.runner.mirror.max_bytes == 1 << 20
+        assert engine.runner.graphs is None
+    monkeypatch.setenv("CONSERVE_DECODE_GRAPHS", "on")
+    with build_engine(WorkerSettings(**settings.model_dump(exclude={"decode_graphs"}))) as engine:
+        assert engine.runner.graphs is not None and engine.runner.mirror is None
 
 
 def test_every_engine_flag_is_a_worker_setting():
