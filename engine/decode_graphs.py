@@ -69,7 +69,10 @@ class _Bucket:
 
 class DecodeGraphs:
     def __init__(self, model: LlamaModel, kv_cache: KVCache, scratch_block: int, max_batch: int,
-                 max_context: int, device: torch.device, capture: bool):
+                 max_context: int, device: torch.device, capture: bool, max_gather_bytes: int = 1 << 30):
+        """Graphs for up to max_batch decodes of up to max_context tokens each, whose gathered keys and
+        values take at most max_gather_bytes a layer: the graphs keep that memory for their replays
+        (in one pool shared by every bucket), where an eager step frees it after each layer."""
         cfg = model.config
         self.model, self.kv_cache, self.device, self.capture = model, kv_cache, device, capture
         self.block_size = bs = kv_cache.block_size
@@ -80,6 +83,8 @@ class DecodeGraphs:
         kvh, d = cfg.num_key_value_heads, cfg.head_dim
         b, w = self.max_batch, width_bucket(self.max_blocks, self.max_blocks)
         dtype = model.embed.dtype
+        # Keys and values of one context token, as a layer's attention gathers them.
+        self.max_gather_tokens = max_gather_bytes // (2 * kvh * d * kv_cache.keys[0].element_size())
         # Static buffers every graph reads a prefix of. `inputs` is filled by one copy per step:
         # ids, positions, slots, lengths ([batch] each), then the block table [batch, width].
         self.inputs = torch.zeros(4 * b + b * w, dtype=torch.long, device=device)
@@ -102,13 +107,17 @@ class DecodeGraphs:
         return sorted(self._buckets)
 
     def plan(self, requests: list[Request], sampled_rows: list[int]) -> DecodePlan | None:
-        """The bucket for a step of these decodes, or None when it is too large for the graphs."""
+        """The bucket for a step of these decodes, or None when it is too large for the graphs (batch,
+        context, or the memory its gather would keep)."""
         if self.disabled or not requests or len(requests) > self.max_batch:
             return None
         blocks = max(blocks_for(r.num_computed_tokens + 1, self.block_size) for r in requests)
         if blocks > self.max_blocks:
             return None
-        return DecodePlan(requests, sampled_rows, batch_bucket(len(requests)), width_bucket(blocks, self.max_blocks))
+        plan = DecodePlan(requests, sampled_rows, batch_bucket(len(requests)), width_bucket(blocks, self.max_blocks))
+        if plan.batch * plan.width * self.block_size > self.max_gather_tokens:
+            return None
+        return plan
 
     def run(self, plan: DecodePlan, safepoint: Safepoint | None) -> torch.Tensor | Parked | None:
         """Logits of the plan's sampled rows; or Parked (hidden state of its real rows) if the

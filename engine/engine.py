@@ -65,6 +65,10 @@ HOST_STORE_RAM_SHARE = 0.4
 # and the gathered keys and values of a full batch grow with it (a batch of 256 sequences of SmolLM2 at
 # 4,096 tokens gathers 400 MB a layer in bf16).
 GRAPHS_MAX_CONTEXT = 4096
+# Most bytes of keys and values a graphed decode step gathers a layer; larger buckets run eagerly. The
+# graphs keep that memory for good, out of the share of GPU memory the KV cache leaves (SmolLM2: 1 GiB
+# holds 256 sequences of 4,096 tokens; a Llama-2-7B, 16 sequences of 4,096 or 256 of 256).
+GRAPHS_MAX_GATHER_BYTES = 1 << 30
 # Most of host RAM the decode mirror may take by default (on CPU, beside the pool and the host store).
 DECODE_MIRROR_RAM_SHARE = 0.2
 
@@ -141,7 +145,7 @@ class Engine:
             self.runner = ModelRunner(model, self.kv_cache, self.device, graphs=DecodeGraphs(
                 model, self.kv_cache, scratch_block=num_blocks, max_batch=config.max_num_seqs,
                 max_context=min(self.max_model_len, GRAPHS_MAX_CONTEXT), device=self.device,
-                capture=self.device.type == "cuda"))
+                capture=self.device.type == "cuda", max_gather_bytes=GRAPHS_MAX_GATHER_BYTES))
         else:
             self.runner = ModelRunner(model, self.kv_cache, self.device, self._decode_mirror(mc, num_blocks, dtype))
         self.policy = Policy.parse(config.policy)

@@ -126,3 +126,14 @@ def test_a_graphed_step_yields_at_a_layer_and_every_output_stays_exact(deep, mod
     assert offline_out == [deep.reference_greedy(p, 40) for p in offline]
     assert online_out == [deep.reference_greedy(p, NEW_TOKENS) for p in ONLINE_PROMPTS[:3]]
     assert len(online_out) == 3 and stats.layer_yields >= 3
+
+
+def test_buckets_whose_gather_would_outgrow_the_memory_cap_run_eagerly(deep, expected, monkeypatch):
+    """The graphs keep their gathered keys and values for good, so a bucket over the cap runs eagerly."""
+    per_token = 2 * deep.config.num_key_value_heads * deep.config.head_dim * 4  # keys and values, float32
+    monkeypatch.setattr(engine_module, "GRAPHS_MAX_GATHER_BYTES", 4 * 32 * per_token)  # 4 rows x 32 tokens
+    with deep.engine(decode_graphs="on") as engine:
+        graphs = engine.runner.graphs
+        assert generate(engine) == expected
+    assert graphs.steps_run > 0
+    assert all(b * w * 8 <= 4 * 32 for b, w in graphs.buckets), graphs.buckets
