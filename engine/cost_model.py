@@ -1,10 +1,11 @@
 """Step-latency model for the SLO-aware scheduler: predicts one step's seconds from its chunk shapes.
 
 A step is a list of chunks (p, c): p tokens computed this step for one request that already has c
-tokens in the KV cache. The model is linear in four features and a constant, each tied to a part of
+tokens in the KV cache. The model is linear in five features and a constant, each tied to a part of
 the step:
 
-    t = per_token * P + per_attended * sum p*(p+c) + per_context * sum (p+c) + per_seq * S + per_step
+    t = per_token * P + per_attended * sum p*(p+c) + per_context * sum (p+c) + per_seq * S
+        + per_prefill_step * [some p > 1] + per_step
 
   P = sum p           every projection and MLP matrix product, embedding, norms, rotary: linear in tokens
   sum p*(p+c)         attention scores and weighted sums: each new token against its whole context
@@ -14,6 +15,12 @@ the step:
                       batching overhead. Every chunk is counted, including a prefill chunk that does not
                       yet reach its prompt's end and so samples nothing: an overestimate of one LM-head
                       row, the safe side for a latency bound.
+  [some p > 1]        a step that is not decodes only: on CUDA decode-only steps replay CUDA graphs
+                      (engine/decode_graphs.py) and any other step launches every kernel itself. On an
+                      H200 a graphed decode step of 64 took 9.9 ms and the same step eager 27 ms, and a
+                      model without this term fitted graphed and eager steps to 37-41% mean error. On
+                      the CPU, where every step runs eagerly, the fit gives it no weight (82 profiled
+                      steps of SmolLM2: held-out error 26% with or without it).
   per_step            per-step Python and per-layer kernel launches, whatever the batch
 
 Decodes (p == 1) count as long as the longest decode in the step, because the runner pads the decode
@@ -40,8 +47,9 @@ Chunks = Sequence[tuple[int, int]]
 Sample = tuple[Chunks, float]  # (chunks of one step, measured seconds)
 
 
-def features(chunks: Chunks) -> tuple[int, int, int, int]:
-    """(P, sum p*(p+c), sum (p+c), S) of a step, decodes counted at the longest decode's context."""
+def features(chunks: Chunks) -> tuple[int, int, int, int, int]:
+    """(P, sum p*(p+c), sum (p+c), S, 1 if any p > 1 else 0) of a step, decodes counted at the longest
+    decode's context."""
     tokens = attended = context = 0
     decodes = longest_decode = 0
     for p, c in chunks:
@@ -54,7 +62,7 @@ def features(chunks: Chunks) -> tuple[int, int, int, int]:
             context += n
         tokens += p
     padded = decodes * longest_decode  # one new token against the padded context, for each decode
-    return tokens, attended + padded, context + padded, len(chunks)
+    return tokens, attended + padded, context + padded, len(chunks), int(decodes < len(chunks))
 
 
 @dataclass(frozen=True)
@@ -63,13 +71,14 @@ class CostModel:
     per_attended: float = 0.0
     per_context: float = 0.0
     per_seq: float = 0.0
+    per_prefill_step: float = 0.0
     per_step: float = 0.0
 
     def predict(self, chunks: Chunks) -> float:
         """Predicted seconds of a step that computes these (p, c) chunks."""
-        tokens, attended, context, seqs = features(chunks)
+        tokens, attended, context, seqs, prefill = features(chunks)
         return (self.per_token * tokens + self.per_attended * attended + self.per_context * context
-                + self.per_seq * seqs + self.per_step)
+                + self.per_seq * seqs + self.per_prefill_step * prefill + self.per_step)
 
     @classmethod
     def fit(cls, samples: Sequence[Sample]) -> "CostModel":

@@ -31,8 +31,8 @@ log = logging.getLogger(__name__)
 
 # Part of every cache file's name: bump it when the features or the profiled shapes change, so that
 # profiles made the old way are not reused.
-PROFILE_VERSION = 2
-# Profiling goes on past its time budget until it has this many samples: fewer cannot pin down five
+PROFILE_VERSION = 3
+# Profiling goes on past its time budget until it has this many samples: fewer cannot pin down six
 # coefficients against timing noise.
 MIN_SAMPLES = 12
 

@@ -70,7 +70,8 @@ def random_steps(rng: random.Random, n: int) -> list[list[tuple[int, int]]]:
 
 
 def test_fit_recovers_the_coefficients_of_exactly_linear_samples():
-    truth = CostModel(per_token=2.5e-4, per_attended=3.5e-7, per_context=1.5e-6, per_seq=1.3e-4, per_step=1.2e-2)
+    truth = CostModel(per_token=2.5e-4, per_attended=3.5e-7, per_context=1.5e-6, per_seq=1.3e-4,
+                      per_prefill_step=4e-3, per_step=1.2e-2)
     samples = [(step, truth.predict(step)) for step in random_steps(random.Random(0), 60)]
     fitted = CostModel.fit(samples)
     for name, value in truth.to_dict().items():
@@ -83,7 +84,7 @@ def test_fit_never_returns_a_negative_coefficient_and_is_the_best_non_negative_f
     would be negative there, which would let a scheduler buy time by adding context. The fit must be
     the constrained optimum (Karush-Kuhn-Tucker): no coefficient pinned at zero could lower the error
     by growing, and the free ones are at a stationary point."""
-    coef = np.array([3e-4, 4e-7, -3e-7, 1e-4, 1e-2])
+    coef = np.array([3e-4, 4e-7, -3e-7, 1e-4, 2e-3, 1e-2])
     steps = random_steps(random.Random(1), 60)
     samples = [(step, float(coef @ (*features(step), 1))) for step in steps]
     fitted = CostModel.fit(samples)
@@ -107,8 +108,16 @@ def test_predict_counts_decodes_at_the_longest_decode_context():
     assert model.predict([(1, 9), (50, 99)]) == 10 + 149
 
 
+def test_a_step_that_is_not_decodes_only_pays_the_prefill_step_cost():
+    """On CUDA decode-only steps replay graphs and the others launch every kernel: a step with any chunk
+    longer than one token costs per_prefill_step more."""
+    model = CostModel(per_prefill_step=1.0, per_step=0.5)
+    assert model.predict([(1, 9)] * 40) == 0.5
+    assert model.predict([(1, 9), (2, 0)]) == model.predict([(300, 0)]) == 1.5
+
+
 def test_dict_round_trip_and_rejects_bad_values():
-    model = CostModel(1e-4, 2e-7, 3e-6, 4e-5, 5e-3)
+    model = CostModel(1e-4, 2e-7, 3e-6, 4e-5, 6e-3, 5e-3)
     assert CostModel.from_dict(json.loads(json.dumps(model.to_dict()))) == model
     for bad in ({**model.to_dict(), "per_step": -1.0}, {**model.to_dict(), "per_step": float("nan")},
                 {"per_token": 1.0}, {**model.to_dict(), "extra": 0.0}, {**model.to_dict(), "per_seq": "1"}):
@@ -148,7 +157,7 @@ def test_load_or_profile_caches_and_reprofiles_a_corrupt_file(tmp_path):
 
     def profile():
         calls.append(1)
-        model = CostModel(1e-4, 2e-7, 3e-6, 4e-5, 5e-3 * len(calls))
+        model = CostModel(1e-4, 2e-7, 3e-6, 4e-5, 0.0, 5e-3 * len(calls))
         return model, [([(1, 10)], model.predict([(1, 10)]))]
 
     key = device_key("tiny", torch.device("cpu"), torch.float32, BLOCK_SIZE)
