@@ -6,7 +6,7 @@
 # (PY=...), which must hold a CUDA torch and this project's engine dependencies (torch, transformers,
 # safetensors, gguf, numpy, jinja2, pytest, matplotlib).
 #
-#   bash bench/cuda_check.sh                 # about 7 minutes on an H200
+#   bash bench/cuda_check.sh                 # about 8 minutes on an H200
 #   DURATION=60 OUT=/tmp/cc bash bench/cuda_check.sh
 set -u
 cd "$(dirname "$0")/.."
