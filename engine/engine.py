@@ -53,6 +53,7 @@ class EngineStats:
     checkpoint_store_full: int = 0       # requests the store had no room for (they recompute what is missing)
     checkpoint_usage: float = 0.0        # fraction of the host store in use
     num_steps: int = 0
+    graphed_steps: int = 0               # steps replayed from the decode CUDA graphs (engine/decode_graphs.py)
     num_preemptions: int = 0
     busy_seconds: float = 0.0            # time spent computing steps
     uptime_seconds: float = 0.0
@@ -449,6 +450,8 @@ class Engine:
             if self.checkpointer is not None:
                 self.checkpointer.save([(c.request, *span) for c, span in zip(chunks, spans) if not c.request.online])
             st.num_steps += 1
+            if self.runner.graphs is not None:
+                st.graphed_steps = self.runner.graphs.steps_run
             st.busy_seconds += now - started
             st.generation_tokens += len(result)
             for req, _ in result:

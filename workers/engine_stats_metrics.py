@@ -50,6 +50,7 @@ class EngineStatsCollector(Collector):
         yield counter("conserve:discarded_tokens", "Tokens of partial steps thrown away by a layer yield.",
                       s.discarded_tokens)
         yield counter("conserve:busy_seconds", "Seconds the engine spent computing steps.", s.busy_seconds)
+        yield counter("conserve:graphed_decode_steps", "Decode steps replayed from CUDA graphs.", s.graphed_steps)
         per_class_tokens = CounterMetricFamily("conserve:generation_tokens_by_class",
                                                "Tokens sampled, by request class (offline ones are harvested).",
                                                labels=["model_name", "request_class"])

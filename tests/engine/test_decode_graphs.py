@@ -41,6 +41,7 @@ def test_graphed_decodes_give_transformers_tokens(deep, expected):
         assert generate(engine) == expected
         assert engine.pool.num_free == engine.pool.num_blocks
         assert graphs.steps_run >= max(MAX_TOKENS) - 2
+        assert engine.stats().graphed_steps == graphs.steps_run
         batches = {b for b, _ in graphs.buckets}
         widths = {w for _, w in graphs.buckets}
     assert {4, 2, 1} <= batches  # four decoding, padded; then fewer as they finish
@@ -48,6 +49,7 @@ def test_graphed_decodes_give_transformers_tokens(deep, expected):
     with deep.engine(decode_graphs="off") as engine:
         assert engine.runner.graphs is None
         assert generate(engine) == expected
+        assert engine.stats().graphed_steps == 0
 
 
 def test_decode_graphs_are_on_by_default_on_cuda_only(deep):

@@ -12,7 +12,7 @@ PER_CLASS_GAUGES = ["vllm:num_requests_running", "vllm:num_requests_waiting"]
 GAUGES = ["vllm:kv_cache_usage_perc", "conserve:checkpoint_usage_perc"]
 COUNTERS = ["vllm:num_preemptions", "conserve:layer_yields", "conserve:checkpointed_tokens",
             "conserve:restored_tokens", "conserve:recomputed_tokens", "conserve:discarded_tokens",
-            "conserve:busy_seconds"]
+            "conserve:busy_seconds", "conserve:graphed_decode_steps"]
 PER_CLASS_COUNTERS = ["conserve:generation_tokens_by_class"]
 
 
