@@ -33,6 +33,7 @@ import numpy as np
 from coserve_workload import (Lengths, OnlineRecord, RequestSpec, Workload, build_workload, sleep_until,
                               summarise_online, text_token_ids)
 from coserve_report import plot_results, print_table, ratios
+from coserve_rounds import merge_rounds
 from throughput import cpu_by_process, others_cpu_seconds
 
 POLICIES = ("online-only", "fcfs", "priority", "conserve")
@@ -64,11 +65,17 @@ def main() -> int:
     result["machine"], result["calibration"] = first["machine"], first["calibration"]
     workload, base_ids = first["workload"], first["base_ids"]
     result["workload"] = describe_workload(workload, first["calibration"]["rate_per_s"], args)
+    # Round by round, every policy once (online-only's first round ran in first_run).
+    runs: dict[str, list[dict]] = {policy: [] for policy in args.policies}
     if "online-only" in args.policies:
-        result["policies"]["online-only"] = first["online-only"]
+        runs["online-only"].append(first["online-only"])
+    for round_index in range(args.rounds):
+        for policy in args.policies:
+            if not (policy == "online-only" and round_index == 0):
+                runs[policy].append(run_or_report(policy, workload, args, base_ids))
     for policy in args.policies:
-        if policy != "online-only":
-            result["policies"][policy] = run_or_report(policy, workload, args, base_ids)
+        result["policies"][policy] = (runs[policy][0] if args.rounds == 1 else
+                                      merge_rounds(runs[policy], WINDOW_COUNTERS, args.duration + args.drain))
     if not args.skip_dedicated:
         # The best of --dedicated-runs runs: noise only ever slows a run down (two runs of one
         # configuration on an idle machine gave 874 and 1,062 offline tok/s), and the best is the
@@ -97,6 +104,9 @@ def _parse_args() -> argparse.Namespace:
     p.add_argument("--plot", help="PNG to write (default: the --json path with .png)")
     p.add_argument("--duration", type=float, default=60.0, help="measured window per policy, seconds")
     p.add_argument("--policies", nargs="+", choices=POLICIES, default=list(POLICIES))
+    p.add_argument("--rounds", type=int, default=1,
+                   help="measure every policy this many times, round by round, and pool each policy's rounds "
+                        "(spreads every policy over the same minutes of a drifting machine)")
     p.add_argument("--online-load", type=float, default=0.3,
                    help="online load as a share of the engine's single-request capacity (see README)")
     p.add_argument("--online-rate", type=float,
@@ -136,8 +146,8 @@ def _parse_args() -> argparse.Namespace:
     args = p.parse_args()
     if args.duration <= 0 or args.drain < 0 or args.burstiness <= 0 or not 0 < args.online_load:
         p.error("--duration, --burstiness and --online-load must be > 0, --drain >= 0")
-    if args.dedicated_runs < 1:
-        p.error("--dedicated-runs must be >= 1")
+    if args.dedicated_runs < 1 or args.rounds < 1:
+        p.error("--dedicated-runs and --rounds must be >= 1")
     if args.calibration_requests < 1 and not _calibration_skipped(args):
         p.error("--calibration-requests must be >= 1")
     if args.dtype == "auto":  # resolved once here, so every system and every run uses the same dtype
@@ -276,7 +286,8 @@ def run_policy(policy: str, workload: Workload, args: argparse.Namespace, base_i
         # Full-size offline steps and an online request first, so first-step costs (allocations, the
         # first use of each kernel) land outside the window.
         prompts = -(-args.max_batched_tokens // OFFLINE.prompt[0]) + 1
-        engine.generate([base_ids[i:i + OFFLINE.prompt[0]] for i in range(prompts)], params(2), "offline")
+        warm_class = "offline" if engine.policy.accepts_offline else "online"  # online-only's later rounds
+        engine.generate([base_ids[i:i + OFFLINE.prompt[0]] for i in range(prompts)], params(2), warm_class)
         engine.generate([base_ids[:ONLINE.prompt[1]]], params(8), "online")
         return measure(engine, policy, workload, args)
     finally:
@@ -435,7 +446,8 @@ def window_figures(before, after, seconds: float) -> dict:
 
 def describe_workload(workload: Workload, rate: float, args: argparse.Namespace) -> dict:
     return {"model": args.model or "SmolLM2-135M-Instruct (bundled GGUF)", "dtype": args.dtype, "device": args.device,
-            "duration_s": args.duration, "drain_s": args.drain, "seed": args.seed, "arrivals": args.arrivals,
+            "duration_s": args.duration, "drain_s": args.drain, "rounds": args.rounds,
+            "round_span_s": args.duration + args.drain, "seed": args.seed, "arrivals": args.arrivals,
             "burstiness_cv": args.burstiness if args.arrivals == "gamma" else 1.0,
             "online_load": None if args.online_rate is not None else args.online_load,
             "online_rate_per_s": rate, "online_requests": len(workload.online),

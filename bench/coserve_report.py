@@ -104,8 +104,11 @@ def print_table(result: dict) -> None:
                 text = ">=" + text  # some TTFTs are lower bounds (no first token before the end)
             cells.append(f"{text:>{width}}")
         print(f"{label:<24}" + "".join(cells))
+    rounds = workload.get("rounds", 1)
+    windows = f"{rounds} windows of {workload['duration_s']:g} s, pooled" if rounds > 1 else \
+        f"the {workload['duration_s']:g} s window"
     print(f"\nSLOs: TTFT {slo['ttft_s'] * 1000:g} ms, TPOT {slo['tpot_s'] * 1000:g} ms. Latencies cover online "
-          f"requests that arrived in the {workload['duration_s']:g} s window (given {workload['drain_s']:g} s more "
+          f"requests that arrived in {windows} (given {workload['drain_s']:g} s more "
           f"to finish); "
           f"'>=' marks lower bounds from requests with no first token by then.")
     if result.get("dedicated_offline_tok_s") is not None:
@@ -115,6 +118,14 @@ def print_table(result: dict) -> None:
     for name, col in columns.items():
         if "error" in col:
             print(f"{name}: run failed: {col['error'].strip().splitlines()[-1]}")
+        for failed in col.get("failed_rounds", []):
+            print(f"{name}: round {failed['round']} failed: {failed['error'].strip().splitlines()[-1]}")
+    if rounds > 1:
+        print("\nby round (TTFT p99 s, TPOT p99 ms, offline tok/s):")
+        for name, col in result["policies"].items():
+            cells = [f"{_fmt(r['online_ttft_p99_s'])} / {_fmt(r['online_tpot_p99_s'], 1000)} / "
+                     f"{_fmt(r['offline_tok_s'])}" for r in col.get("rounds", [])]
+            print(f"  {name:<12} " + "   ".join(cells))
     print("\ntargets (issue 3):")
     for name, r in result["ratios"].items():
         value = "n/a" if r["value"] is None else ("≥" if r.get("lower_bound") else "") + f"{r['value']:.3f}"
@@ -136,7 +147,7 @@ def plot_results(result: dict, path: str) -> None:
             continue
         colour = COLOURS.get(policy, "black")
         rows = figures["requests"]
-        done = [r for r in rows if r["completed"]]
+        done = [r for r in rows if r["completed"] and r["tpot_s"] is not None]
         # TTFT by arrival time, every request: measured ones filled; one with no first token by the end
         # hollow, at its wait so far (a lower bound), nudged sideways by policy since all share arrivals.
         measured = [r for r in rows if not r["ttft_censored"]]
@@ -152,8 +163,11 @@ def plot_results(result: dict, path: str) -> None:
         ax_tpot.scatter([r["done_s"] for r in done], [r["tpot_s"] * 1000 for r in done], s=18, color=colour,
                         label=f"{policy} (p99 {_fmt(figures['online_tpot_p99_s'], 1000)} ms)")
         if policy != "online-only":
-            t, rate = _offline_rate(figures["timeline"])
-            ax_tok.plot(t, rate, color=colour, lw=1.4, label=f"{policy} (window mean {figures['offline_tok_s']:.0f})")
+            label = f"{policy} (window mean {figures['offline_tok_s']:.0f})"
+            for segment in _rounds_of(figures["timeline"]):  # a rate never spans two rounds' engines
+                t, rate = _offline_rate(segment)
+                ax_tok.plot(t, rate, color=colour, lw=1.4, label=label)
+                label = None
     if "timeline" in result.get("dedicated_offline", {}):
         t, rate = _offline_rate(result["dedicated_offline"]["timeline"])
         ax_tok.plot(t, rate, color="grey", lw=1.2, ls="--",
@@ -171,12 +185,14 @@ def plot_results(result: dict, path: str) -> None:
     ax_tok.set_ylabel("offline tokens/s (prompt + generated)")
     ax_tok.set_title("offline tokens/s harvested (5 s trailing window); the grey line ends the measured window",
                      fontsize=10)
-    ax_tok.set_xlabel("seconds since the start of the measured window")
+    ax_tok.set_xlabel("seconds since the start of the measured window"
+                      + (" (rounds one after another)" if workload.get("rounds", 1) > 1 else ""))
     ax_tok.set_ylim(bottom=0)
     ax_ttft.yaxis.set_major_formatter(ScalarFormatter())  # plain numbers on the log axis
     ax_ttft.yaxis.set_minor_formatter(NullFormatter())
     for ax in (ax_ttft, ax_tpot, ax_tok):
-        ax.axvline(workload["duration_s"], color="grey", lw=0.8)  # end of the window
+        for k in range(workload.get("rounds", 1)):  # the end of each round's window
+            ax.axvline(k * workload.get("round_span_s", 0.0) + workload["duration_s"], color="grey", lw=0.8)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     load = workload.get("online_load")
@@ -187,6 +203,16 @@ def plot_results(result: dict, path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _rounds_of(timeline: list[dict]) -> list[list[dict]]:
+    """The timeline cut where its round changes (bench/coserve_rounds.py marks each sample's round)."""
+    segments: list[list[dict]] = []
+    for sample in timeline:
+        if not segments or sample.get("round") != segments[-1][-1].get("round"):
+            segments.append([])
+        segments[-1].append(sample)
+    return segments
 
 
 def _offline_rate(timeline: list[dict], window_s: float = 5.0) -> tuple[list[float], list[float]]:

@@ -131,44 +131,52 @@ def ttft(record: OnlineRecord, ended_at: float) -> tuple[float, bool]:
 
 def summarise_online(records: list[OnlineRecord], slo_ttft_s: float, slo_tpot_s: float, ended_at: float,
                      window_start: float) -> dict:
-    """Latency figures of the online requests that arrived in the window.
+    """Latency figures of the online requests that arrived in the window (online_figures), with one
+    row per request under "requests"."""
+    rows = [_request_row(r, ended_at, window_start, slo_ttft_s, slo_tpot_s) for r in records]
+    return {**online_figures(rows), "requests": rows}
+
+
+def online_figures(rows: list[dict]) -> dict:
+    """Latency figures from request rows (one window's, or several rounds' pooled).
 
     TTFT and preemption-latency percentiles cover every request (a request with no first token by the
     end counts with its wait so far: a lower bound, counted in online_ttft_censored). TPOT covers
     completed requests. SLO attainment = requests completed meeting both SLOs / requests arrived, so a
     request still unfinished at the end counts as a miss."""
-    completed = [r for r in records if r.completed]
-    ttfts = [ttft(r, ended_at) for r in records]
-    tpots = [x for x in (tpot(r) for r in completed) if x is not None]
-    # metrics.queued = arrival -> first scheduled; for a request never scheduled, arrival -> abort.
-    queued = [r.final.metrics.queued for r in records if r.final is not None and r.final.metrics is not None]
-    met = sum(1 for r in completed
-              if r.final.metrics.time_to_first_token <= slo_ttft_s and (tpot(r) or 0.0) <= slo_tpot_s)
-    out = {
-        "online_arrived": len(records),
+    completed = [r for r in rows if r["completed"]]
+    ttfts = [r["ttft_s"] for r in rows]
+    tpots = [r["tpot_s"] for r in completed if r["tpot_s"] is not None]
+    # queued = arrival -> first scheduled; for a request never scheduled, arrival -> abort.
+    queued = [r["queued_s"] for r in rows if r.get("queued_s") is not None]
+    return {
+        "online_arrived": len(rows),
         "online_completed": len(completed),
-        "online_unfinished": len(records) - len(completed),
-        "online_ttft_censored": sum(1 for _, censored in ttfts if censored),
-        "online_errors": sum(1 for r in records if r.error),
-        "online_ttft_p50_s": percentile([t for t, _ in ttfts], 50),
-        "online_ttft_p99_s": percentile([t for t, _ in ttfts], 99),
+        "online_unfinished": len(rows) - len(completed),
+        "online_ttft_censored": sum(1 for r in rows if r["ttft_censored"]),
+        "online_errors": sum(1 for r in rows if r.get("error")),
+        "online_ttft_p50_s": percentile(ttfts, 50),
+        "online_ttft_p99_s": percentile(ttfts, 99),
         "online_tpot_p50_s": percentile(tpots, 50),
         "online_tpot_p99_s": percentile(tpots, 99),
-        "online_slo_attainment": met / len(records) if records else None,
+        "online_slo_attainment": sum(1 for r in rows if r["slo_met"]) / len(rows) if rows else None,
         "preemption_latency_p50_s": percentile(queued, 50),
         "preemption_latency_p99_s": percentile(queued, 99),
     }
-    out["requests"] = [_request_row(r, ended_at, window_start) for r in records]
-    return out
 
 
-def _request_row(r: OnlineRecord, ended_at: float, window_start: float) -> dict:
+def _request_row(r: OnlineRecord, ended_at: float, window_start: float, slo_ttft_s: float,
+                 slo_tpot_s: float) -> dict:
     t, censored = ttft(r, ended_at)
+    per_token = tpot(r) if r.completed else None
     row = {"arrival_s": round(r.submitted_at - window_start, 4), "prompt_tokens": len(r.spec.prompt_ids),
-           "output_tokens": r.spec.max_tokens, "completed": r.completed, "ttft_s": round(t, 5),
-           "ttft_censored": censored}
+           "output_tokens": r.spec.max_tokens, "completed": r.completed, "ttft_s": round(t, 6),
+           "ttft_censored": censored, "error": r.error is not None,
+           "slo_met": r.completed and r.final.metrics.time_to_first_token <= slo_ttft_s
+           and (per_token or 0.0) <= slo_tpot_s}
+    if r.final is not None and r.final.metrics is not None:
+        row["queued_s"] = round(r.final.metrics.queued, 6)
     if r.completed:
         row["done_s"] = round(r.done_at - window_start, 4)
-        row["tpot_s"] = round(tpot(r) or 0.0, 6)
-        row["queued_s"] = round(r.final.metrics.queued, 5)
+        row["tpot_s"] = None if per_token is None else round(per_token, 6)
     return row
