@@ -93,7 +93,6 @@ class DecodeGraphs:
         self.sin = torch.zeros(b, 1, d, dtype=dtype, device=device)
         self.rows = torch.zeros(kvh * b * w, dtype=torch.long, device=device)
         self.bias = torch.zeros(b * w * bs, dtype=model.backend.bias_dtype(dtype), device=device)
-        self.head_offsets = (torch.arange(kvh, device=device) * kv_cache.num_blocks).unsqueeze(1)
         self.key_positions = torch.arange(w * bs, device=device)
         self._buckets: dict[tuple[int, int], _Bucket] = {}
         self._pool = torch.cuda.graph_pool_handle() if capture else None
@@ -169,8 +168,7 @@ class DecodeGraphs:
         ins = self.inputs
         ids, positions, slots, lengths = (ins[k * b:(k + 1) * b] for k in range(4))
         table = ins[4 * b: 4 * b + b * w]
-        kvh = self.head_offsets.shape[0]
-        rows = self.rows[: kvh * b * w]
+        rows = self.rows[: self.kv_cache.head_offsets.shape[0] * b * w]
         bias = self.bias[: b * w * self.block_size]
         meta = AttentionMetadata(slot_mapping=slots, num_decodes=b, decode_blocks=rows,
                                  decode_bias=bias.view(1, b, 1, 1, w * self.block_size))
@@ -186,7 +184,7 @@ class DecodeGraphs:
             c, s = model.rope.lookup(positions)
             cos.copy_(c)
             sin.copy_(s)
-            rows.copy_((self.head_offsets + table).flatten())
+            rows.copy_((cache.head_offsets + table).flatten())
             hide = keys.unsqueeze(0) >= lengths.unsqueeze(1)
             bias.view(b, -1).copy_(torch.zeros_like(hide, dtype=bias.dtype).masked_fill_(hide, float("-inf")))
 

@@ -81,3 +81,6 @@ class KVCache:
         self.values = list(self.slots[layers:].unbind(0))
         self.block_size = block_size
         self.num_blocks = num_blocks
+        # Row offsets [kv_heads, 1] of each KV head's blocks in a layer viewed as [kv_heads * num_blocks,
+        # block_size * head_dim]: block table + offset = the rows attention gathers.
+        self.head_offsets = (torch.arange(config.num_key_value_heads, device=device) * num_blocks).unsqueeze(1)

@@ -55,9 +55,6 @@ class ModelRunner:
         self.graphs = graphs
         self.kv_cache = kv_cache
         self.block_size = kv_cache.block_size
-        num_kv_heads = kv_cache.keys[0].shape[0]
-        # Row offsets of each KV head's blocks in a cache viewed as [kv_heads * num_blocks, ...].
-        self._head_offsets = (torch.arange(num_kv_heads, device=device) * kv_cache.num_blocks).unsqueeze(1)
         self.device = device
         self._bias_dtype = model.backend.bias_dtype(kv_cache.keys[0].dtype)
 
@@ -205,7 +202,7 @@ class ModelRunner:
         tables = [r.block_ids[: blocks_for(n, self.block_size)] for r, n in zip(requests, context_lens)]
         width = max(len(t) for t in tables)
         flat = torch.tensor([b for t in tables for b in t + [0] * (width - len(t))], device=self.device)
-        return (self._head_offsets + flat).flatten(), width * self.block_size
+        return (self.kv_cache.head_offsets + flat).flatten(), width * self.block_size
 
     def _bias(self, hidden: torch.Tensor) -> torch.Tensor:
         return torch.zeros(hidden.shape, dtype=self._bias_dtype, device=self.device).masked_fill_(hidden, float("-inf"))
