@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.attention import AttentionMetadata
-from engine.kv_cache import KVCache, blocks_for
+from engine.kv_cache import KVCache, blocks_for, slot_numbers
 from engine.model import LlamaModel, Parked, Safepoint
 from engine.request import Request
 
@@ -156,7 +156,7 @@ class DecodeGraphs:
         for row, r in enumerate(plan.requests):
             pos = r.num_computed_tokens
             ids[row], positions[row], lengths[row] = r.token_ids[pos], pos, pos + 1
-            slots[row] = r.block_ids[pos // bs] * bs + pos % bs
+            slots[row] = slot_numbers(r.block_ids, bs, pos, pos + 1)[0]
             used = r.block_ids[: blocks_for(pos + 1, bs)]
             table.extend(used)
             table.extend([self.scratch_block] * (w - len(used)))
@@ -219,7 +219,7 @@ class DecodeGraphs:
                 out = step()
             graphs.append(graph)
             logits = out
-        self.capture_seconds += time.perf_counter() - started
-        log.info("captured decode CUDA graphs for a batch of %d rows in %.0f ms", logits.shape[0],
-                 1e3 * (time.perf_counter() - started))
+        seconds = time.perf_counter() - started
+        self.capture_seconds += seconds
+        log.info("captured decode CUDA graphs for a batch of %d rows in %.0f ms", logits.shape[0], 1e3 * seconds)
         return _Bucket([g.replay for g in graphs], logits)
