@@ -66,8 +66,8 @@ class TorchAttentionBackend(AttentionBackend):
     rows, d], with the `group` query heads that share a KV head folded into the rows: no KV head is
     ever repeated, and gathered context is used as it comes out of the cache. On CPU these measured
     2-3x faster than scaled_dot_product_attention, whose flash kernel is slow for few query rows.
-    Only long first chunks (no cached context) go to scaled_dot_product_attention, whose causal flash
-    kernel skips the masked half."""
+    Long first chunks (no cached context) go to scaled_dot_product_attention, whose causal flash
+    kernel skips the masked half; in float32 on the CPU every prefill chunk does (sdpa_prefill_dtypes)."""
 
     # Largest float32 score tensor built at once; longer prefill chunks are attended in query slices.
     max_score_bytes = 64 << 20
@@ -78,6 +78,14 @@ class TorchAttentionBackend(AttentionBackend):
     # measured slower at every size (512 new tokens over 1,000 cached: 0.82 s against 0.59 s; 2,048
     # over 2,048: 5.5 s against 4.2 s).
     sdpa_min_chunk = 1536
+    # Dtypes whose prefill chunks on the CPU all go to scaled_dot_product_attention, whatever their length:
+    # first chunks with is_causal, chunks over cached context with the step's mask. Its flash kernel
+    # never writes out the scores, which the matmuls do in float32 at twice bfloat16's bytes. Measured
+    # one layer at a time on 2 cores (AVX2 EPYC, SmolLM2's heads, float32), kernel against matmuls: a
+    # 1,000-token first chunk 24 against 93 ms, 1,024 tokens over 1,024 cached 54 against 174, 512 over
+    # 1,000 30 against 70, 16 prompts of 128 7.7 against 15, 32 tokens over 1,000 1.0 against 1.4, 8
+    # over 200 0.10 against 0.21. bfloat16 keeps the matmuls below sdpa_min_chunk (measured above).
+    sdpa_prefill_dtypes: tuple[torch.dtype, ...] = (torch.float32,)
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, block_size: int):
         self.num_heads = num_heads
@@ -105,10 +113,14 @@ class TorchAttentionBackend(AttentionBackend):
             keys = self._gather(key_cache, meta.decode_blocks, b)
             values = self._gather(value_cache, meta.decode_blocks, b)
             parts.append(self._attend(q[:b], b, 1, keys, values, meta.decode_bias))
+        all_sdpa = q.device.type == "cpu" and q.dtype in self.sdpa_prefill_dtypes
         for g in meta.prefill_groups:
             rows = slice(g.token_start, g.token_start + g.num_seqs * g.chunk_len)
-            if g.context_blocks is None and g.chunk_len >= self.sdpa_min_chunk:
+            if g.context_blocks is None and (all_sdpa or g.chunk_len >= self.sdpa_min_chunk):
                 parts.append(self._causal_prefill(q[rows], k[rows], v[rows], g))
+                continue
+            if all_sdpa:
+                parts.append(self._masked_prefill(q[rows], key_cache, value_cache, g))
                 continue
             if g.context_blocks is None:  # the chunk is all the context there is: use its own k, v
                 keys = self._kv_head_major(k[rows], g.num_seqs, g.chunk_len)
@@ -120,7 +132,7 @@ class TorchAttentionBackend(AttentionBackend):
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def _causal_prefill(self, q, k, v, g: PrefillGroup):
-        """A long first chunk attends only to itself: is_causal lets the flash kernel skip the masked half.
+        """A first chunk attends only to itself: is_causal lets the flash kernel skip the masked half.
         q [n*t, heads, d] -> [n*t, heads*d]."""
         n, t, kvh, d = g.num_seqs, g.chunk_len, self.num_kv_heads, self.head_dim
         keys = k.view(n, t, kvh, d).transpose(1, 2)
@@ -128,6 +140,17 @@ class TorchAttentionBackend(AttentionBackend):
         out = F.scaled_dot_product_attention(q.view(n, t, self.num_heads, d).transpose(1, 2), keys, values,
                                              is_causal=True, enable_gqa=True)
         return out.transpose(1, 2).reshape(n * t, self.num_heads * d)
+
+    def _masked_prefill(self, q, key_cache, value_cache, g: PrefillGroup):
+        """A chunk over cached context: its sequences' blocks gathered from the pool (the chunk's own keys
+        included, written above), attended with the group's mask. q [n*t, heads, d] -> [n*t, heads*d]."""
+        n, t = g.num_seqs, g.chunk_len
+        keys = self._gather(key_cache, g.context_blocks, n).transpose(0, 1)      # [n, kvh, L, d]
+        values = self._gather(value_cache, g.context_blocks, n).transpose(0, 1)
+        # The kernel takes a float mask only in the queries' dtype; 0 and -inf convert exactly.
+        out = F.scaled_dot_product_attention(q.view(n, t, self.num_heads, -1).transpose(1, 2), keys, values,
+                                             attn_mask=g.bias.to(q.dtype), enable_gqa=True)
+        return out.transpose(1, 2).reshape(n * t, -1)
 
     def _gather(self, cache: torch.Tensor, rows: torch.Tensor, num_seqs: int) -> torch.Tensor:
         """[kvh, num_seqs, blocks * block_size, d]. Whole blocks along the first axis: index_select's

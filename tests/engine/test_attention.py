@@ -42,15 +42,18 @@ def make_request(i: int, length: int, cached: int, pool: BlockPool) -> Request:
     return req
 
 
-@pytest.mark.parametrize("max_score_bytes, sdpa_min_chunk", [
-    (64 << 20, 1 << 20),  # continued prefill chunks on the matmul path
-    (256, 1 << 20),       # tiny score budget: query slicing
-    (64 << 20, 2),        # the fresh prefill on scaled_dot_product_attention (is_causal)
+@pytest.mark.parametrize("max_score_bytes, sdpa_min_chunk, sdpa_prefill_dtypes", [
+    (64 << 20, 1 << 20, ()),  # continued prefill chunks on the matmul path
+    (256, 1 << 20, ()),       # tiny score budget: query slicing
+    (64 << 20, 2, ()),        # the fresh prefill on scaled_dot_product_attention (is_causal)
+    (64 << 20, 1 << 20, (torch.float32,)),  # every prefill chunk on it, continued ones with the mask
 ])
-def test_paged_attention_matches_reference_for_mixed_batch(max_score_bytes, sdpa_min_chunk, monkeypatch):
+def test_paged_attention_matches_reference_for_mixed_batch(max_score_bytes, sdpa_min_chunk, sdpa_prefill_dtypes,
+                                                           monkeypatch):
     torch.manual_seed(0)
     monkeypatch.setattr(TorchAttentionBackend, "max_score_bytes", max_score_bytes)
     monkeypatch.setattr(TorchAttentionBackend, "sdpa_min_chunk", sdpa_min_chunk)
+    monkeypatch.setattr(TorchAttentionBackend, "sdpa_prefill_dtypes", sdpa_prefill_dtypes)
     pool = BlockPool(64, BLOCK)
     cache = KVCache(CONFIG, 64, BLOCK, torch.float32, torch.device("cpu"))
     # (total tokens, tokens already cached, tokens this step): decodes of different context lengths,
