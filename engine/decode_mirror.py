@@ -24,8 +24,8 @@ The tensors are [slots, kv_heads, capacity, d] per layer: a slot is contiguous, 
 [slots * kv_heads, capacity, d] as one batch with no copy. Attention runs over the whole capacity
 (masked past each sequence's length): a view cut to the longest context would be strided between
 batch entries, which measured 3.9x slower for the scores' matmul. Capacity is therefore kept at most
-2 x GROWTH tokens above the longest context (the tensors are reallocated, and every slot joins, when
-contexts outgrow it or shrink further below it)."""
+2 x GROWTH tokens above the longest context (the tensors are reallocated, the slots keeping what they
+hold, when contexts outgrow it or shrink further below it)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -158,11 +158,33 @@ class DecodeMirror:
         self._slots = table
 
     def _allocate(self, slots: int, capacity: int) -> None:
-        # Zeros, not empty: masked positions must still hold finite numbers (0 * NaN in the weighted
-        # sum, or a NaN score, would poison the row).
+        """Resize the tensors to `slots` x `capacity`. Slots that fit the new shape keep what they hold: it
+        is copied across, so they go on appending instead of joining again. Joining gathers from the pool
+        (an index_select and an index_put per layer), and these reallocations come every GROWTH steps
+        and whenever the batch outgrows its slots. Measured for SmolLM2's 30 layers, 64 slots, bf16, 2
+        cores (Zen 4): growing from 176 to 224 positions took 18-19 ms copying against 66-92 ms with
+        zeros and every slot gathered again; 224 to 272, 22-37 against 85-117 ms.
+
+        Positions no slot holds are zeros, not garbage: masked positions must still hold finite
+        numbers (0 * NaN in the weighted sum, or a NaN score, would poison the row). One layer's
+        tensors are replaced at a time, so the old and new shapes never coexist beyond one tensor."""
         shape = (slots, self.num_kv_heads, capacity, self.head_dim)
-        self.keys, self.values = [], []  # drop the old tensors before allocating the new ones
-        self.keys = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
-        self.values = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
+        kept_len = min(capacity, self.capacity)
+        table = [s if s is not None and s.length <= kept_len else None for s in self._slots[:slots]]
+        # Rows up to the last kept slot are copied (holes before it included: zeros or keys that were).
+        rows = max((i + 1 for i, s in enumerate(table) if s is not None), default=0)
+        for tensors in (self.keys, self.values):
+            for layer in range(self.num_layers):
+                new = torch.empty(shape, dtype=self.dtype, device=self.device)
+                if rows:
+                    new[:rows, :, :kept_len] = tensors[layer][:rows, :, :kept_len]
+                    new[:rows, :, kept_len:].zero_()
+                    new[rows:].zero_()
+                else:
+                    new.zero_()
+                if layer < len(tensors):
+                    tensors[layer] = new  # drops the old tensor now
+                else:
+                    tensors.append(new)
         self.capacity = capacity
-        self._slots = [None] * slots
+        self._slots = table + [None] * (slots - len(table))

@@ -59,7 +59,8 @@ class Harness:
         self.without = ModelRunner(_NoModel(), self.caches[1], CPU)
         self.backend = _NoModel.backend
 
-    def step(self, requests: list[Request]) -> None:
+    def step(self, requests: list[Request]):
+        """Run one decode step of `requests` through both runners; returns the mirror's plan for it."""
         chunks = [ScheduledChunk(r, 1) for r in requests]
         batches = [self.with_mirror.prepare(chunks), self.without.prepare(chunks)]
         assert batches[0].meta.mirror is not None and batches[1].meta.mirror is None
@@ -72,6 +73,7 @@ class Harness:
         self.mirror.commit(batches[0].mirror_table)
         for r in requests:
             r.num_computed_tokens += 1
+        return batches[0].meta.mirror
 
 
 def test_mirror_attends_as_the_gather_does_as_sequences_join_leave_and_lose_blocks():
@@ -95,8 +97,19 @@ def test_mirror_reallocates_as_contexts_outgrow_its_capacity():
     h.step(reqs)
     capacity = h.mirror.capacity
     for _ in range(capacity - 6 + 2):  # grow past the capacity, one decode at a time
-        h.step(reqs)
+        plan = h.step(reqs)
+        if h.mirror.capacity > capacity:
+            break
     assert h.mirror.capacity > capacity
+    # What the slots held was carried into the larger tensors: the sequences append, none joins again.
+    assert plan.join_slots is None
+    for _ in range(3):
+        h.step(reqs)
+    # More sequences than slots: the tensors grow by slots, and those already there keep theirs.
+    more = reqs + [request(i, 9, h.pool) for i in range(2, 10)]
+    plan = h.step(more)
+    assert len(h.mirror._slots) >= len(more) and plan.join_slots.tolist() == list(range(2, 10))
+    h.step(more)
 
 
 def test_plan_appends_joins_and_repacks():
