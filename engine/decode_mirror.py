@@ -179,9 +179,7 @@ class DecodeMirror:
                 if rows:
                     new[:rows, :, :kept_len] = tensors[layer][:rows, :, :kept_len]
                     new[:rows, :, kept_len:].zero_()
-                    new[rows:].zero_()
-                else:
-                    new.zero_()
+                new[rows:].zero_()
                 if layer < len(tensors):
                     tensors[layer] = new  # drops the old tensor now
                 else:
