@@ -25,7 +25,7 @@ from engine.model import LlamaModel
 from engine.model_runner import ModelRunner, ParkedStep
 from engine.output import RequestMetrics, RequestOutput, RequestStream
 from engine.policy import Policy
-from engine.profiler import device_key, load_or_profile, profile_cost_model
+from engine.profiler import agrees_with_steps, check_shapes, device_key, load_or_profile, profile_cost_model
 from engine.prompt import Prompt, prompt_token_ids
 from engine.request import Request, RequestClass
 from engine.sampling_params import SamplingParams
@@ -198,9 +198,11 @@ class Engine:
         max_tokens = max(cfg.max_num_batched_tokens, cfg.offline_max_batched_tokens or 0)
         key = "|".join([device_key(loaded.name, self.device, dtype, cfg.block_size), repr(self.model_config),
                         f"tokens {max_tokens}"])
+        max_seqs, max_context = min(cfg.max_num_seqs, 64), min(self.max_model_len, 2048)
         return load_or_profile(cfg.profile_cache_dir, key, lambda: profile_cost_model(
-            self.runner, self.pool, max_tokens=max_tokens, max_seqs=min(cfg.max_num_seqs, 64),
-            max_context=min(self.max_model_len, 2048), time_budget_s=cfg.profile_seconds))
+            self.runner, self.pool, max_tokens=max_tokens, max_seqs=max_seqs, max_context=max_context,
+            time_budget_s=cfg.profile_seconds), agrees=lambda model: agrees_with_steps(
+            model, self.runner, self.pool, check_shapes(max_tokens, max_seqs, max_context)))
 
     def _run(self, loaded: LoadedModel | None) -> None:
         try:

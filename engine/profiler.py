@@ -3,7 +3,8 @@
 Profiling times ModelRunner.execute on synthetic requests over a spread of step shapes (decode
 batches, prefill chunks with and without cached context, decodes mixed with a prefill chunk) and fits
 the model to the timings. The KV contents are whatever the pool's blocks hold: timing does not depend
-on them."""
+on them. A cached profile is checked against a few steps timed at start-up before it is used
+(CHECK_TOLERANCE says why)."""
 from __future__ import annotations
 
 import hashlib
@@ -145,6 +146,47 @@ def profile_cost_model(runner: ModelRunner, pool: BlockPool, max_tokens: int, ma
     return CostModel.fit(samples), samples
 
 
+# A cached profile is checked before use against a few quick steps timed now; it is profiled again when
+# their median measured / predicted ratio falls outside [1 / CHECK_TOLERANCE, CHECK_TOLERANCE]. Why: a
+# profile taken while something else held the cores fits its own samples well (every step is slowed
+# alike), so the fit-error guard below lets it into the cache, and every later start planned with it.
+# Seen on 2 cores (SmolLM2, bf16): profiled beside a package install, it put a step's fixed cost at
+# 20 ms and each token of cached context at 14 us, where a quiet profile finds 11 ms and 1.5 us; under
+# a 21 ms TPOT SLO the scheduler then found no room for any offline token beside an online decode.
+# The same check catches a cache carried to another machine that reports the same CPU name.
+CHECK_TOLERANCE = 1.5
+
+
+def check_shapes(max_tokens: int, max_seqs: int, max_context: int) -> list[list[tuple[int, int]]]:
+    """The steps a cached profile is checked against: a lone decode, a batch of decodes over some
+    context, and a decode beside a prefill chunk over cached context (the step that carries offline
+    work beside an online request), each within the limits the profile was taken for."""
+    context = max(0, min(256, max_context - 33))
+    chunk = max(1, min(32, max_tokens - 1, max_context - context))
+    shapes = [[(1, min(16, max_context - 1))], [(1, context)] * min(8, max_seqs)]
+    if max_seqs > 1 and max_tokens > 1:
+        shapes.append([(1, min(16, max_context - 1)), (chunk, context)])
+    return shapes
+
+
+def agrees_with_steps(model: CostModel, runner: ModelRunner, pool: BlockPool,
+                      shapes: list[list[tuple[int, int]]]) -> bool:
+    """Whether model predicts these steps, timed now, to within CHECK_TOLERANCE (median ratio). True
+    when the pool cannot hold any of them (nothing to judge by)."""
+    generator = torch.Generator().manual_seed(0)
+    measure_step(runner, pool, shapes[0], repeats=1, generator=generator)  # lazy initialisation
+    ratios = []
+    for chunks in shapes:
+        seconds = measure_step(runner, pool, chunks, generator=generator)
+        if seconds is not None:
+            ratios.append(seconds / max(model.predict(chunks), 1e-9))
+    if not ratios:
+        return True
+    median = sorted(ratios)[len(ratios) // 2]
+    log.debug("cached profile check: measured / predicted %s", [round(r, 2) for r in ratios])
+    return 1 / CHECK_TOLERANCE <= median <= CHECK_TOLERANCE
+
+
 def device_key(model_name: str, device: torch.device, dtype: torch.dtype, block_size: int) -> str:
     """What a profile depends on: model, dtype, the device's make, torch version, CPU threads, block size."""
     if device.type == "cuda":
@@ -176,22 +218,31 @@ MAX_CACHED_FIT_ERROR = 0.2
 
 
 def load_or_profile(cache_dir: str | Path | None, key: str,
-                    profile: Callable[[], tuple[CostModel, list[Sample]]]) -> CostModel:
+                    profile: Callable[[], tuple[CostModel, list[Sample]]],
+                    agrees: Callable[[CostModel], bool] | None = None) -> CostModel:
     """The cost model cached for key (see device_key), or the one profile() fits, written to the cache
-    if it fits its samples well. A missing, unreadable or corrupt file means profiling again; a cache
+    if it fits its samples well. A missing, unreadable or corrupt file means profiling again, and so
+    does a cached model that agrees(model) finds out of step with the machine as it runs now; a cache
     that cannot be written is only logged."""
     directory = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     digest = hashlib.sha256(f"v{PROFILE_VERSION}|{key}".encode()).hexdigest()[:24]
     path = directory / f"cost-model-{digest}.json"
+    cached = None
     try:
         stored = json.loads(path.read_text())
         if stored.get("key") == key:
-            return CostModel.from_dict(stored["model"])
-        log.info("profile cache %s holds another key; profiling again", path)
+            cached = CostModel.from_dict(stored["model"])
+        else:
+            log.info("profile cache %s holds another key; profiling again", path)
     except FileNotFoundError:
         pass
     except (OSError, ValueError, KeyError, AttributeError) as exc:
         log.warning("ignoring unreadable profile cache %s (%s); profiling again", path, exc)
+    if cached is not None:
+        if agrees is None or agrees(cached):
+            return cached
+        log.warning("the cached step-latency profile %s no longer predicts this machine's steps (profiled "
+                    "while something else ran, or on another machine); profiling again", path)
     model, samples = profile()
     error = model.mean_relative_error(samples)
     if error > MAX_CACHED_FIT_ERROR:

@@ -15,7 +15,8 @@ from engine.cost_model import CostModel, features
 from engine.kv_cache import BlockPool, KVCache
 from engine.model import LlamaModel
 from engine.model_runner import ModelRunner
-from engine.profiler import device_key, load_or_profile, measure_step, profile_cost_model
+from engine.profiler import (agrees_with_steps, check_shapes, device_key, load_or_profile, measure_step,
+                             profile_cost_model)
 from engine.sampling_params import SamplingParams
 from tiny_models import build_tiny_model
 
@@ -172,6 +173,61 @@ def test_load_or_profile_caches_and_reprofiles_a_corrupt_file(tmp_path):
     again = load_or_profile(tmp_path, key, profile)
     assert len(calls) == 3 and again.per_step == pytest.approx(1.5e-2)
     assert load_or_profile(tmp_path, key, profile) == again and len(calls) == 3
+
+
+def test_a_cached_profile_that_disagrees_with_the_machine_is_profiled_again(tmp_path):
+    calls = []
+
+    def profile():
+        calls.append(1)
+        model = CostModel(per_step=1e-3 * len(calls))
+        return model, [([(1, 10)], model.predict([(1, 10)]))]
+
+    first = load_or_profile(tmp_path, "k", profile)
+    checked = []
+    agree = lambda model: checked.append(model) or True  # noqa: E731
+    assert load_or_profile(tmp_path, "k", profile, agrees=agree) == first and len(calls) == 1
+    assert checked == [first]  # the cached model was checked, and kept
+
+    again = load_or_profile(tmp_path, "k", profile, agrees=lambda model: False)
+    assert len(calls) == 2 and again.per_step == pytest.approx(2e-3)
+    assert load_or_profile(tmp_path, "k", profile) == again  # and the new one replaced it in the cache
+
+
+def test_the_check_keeps_a_true_profile_and_rejects_one_taken_on_a_busier_or_faster_machine(
+        runner_and_pool, profiled):
+    """A profile taken while another process held the cores predicts every step too slow (here: 3x);
+    one carried over from a slower machine too, from a faster one too fast."""
+    runner, pool = runner_and_pool
+    model, _ = profiled
+    shapes = check_shapes(MAX_TOKENS, MAX_SEQS, MAX_CONTEXT)
+    assert all(p + c <= MAX_CONTEXT for step in shapes for p, c in step)
+    free = pool.num_free
+    assert agrees_with_steps(model, runner, pool, shapes)
+    for factor in (3.0, 1 / 3):
+        scaled = CostModel(**{name: value * factor for name, value in model.to_dict().items()})
+        assert not agrees_with_steps(scaled, runner, pool, shapes), factor
+    assert pool.num_free == free
+
+
+def test_an_engine_replaces_a_cached_profile_its_steps_disagree_with(tmp_path):
+    """End to end: the cache holds a profile 4x too slow for this machine (as one taken beside other
+    work would be); the next engine to start profiles again and caches what it measured instead."""
+    tiny = build_tiny_model()
+    with tiny.engine(profile_cache_dir=tmp_path) as engine:
+        true = engine.scheduler.cost_model
+    (cache_file,) = tmp_path.glob("*.json")
+    stored = json.loads(cache_file.read_text())
+    stored["model"] = {name: value * 4 for name, value in stored["model"].items()}
+    cache_file.write_text(json.dumps(stored))
+    planted = CostModel.from_dict(stored["model"])
+    with tiny.engine(profile_cache_dir=tmp_path) as engine:
+        replaced = engine.scheduler.cost_model
+        out = engine.generate([[5, 6, 7]], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))[0]
+    lone_decode = [(1, 16)]
+    assert replaced.predict(lone_decode) < planted.predict(lone_decode) / 2, (true, replaced)
+    assert CostModel.from_dict(json.loads(cache_file.read_text())["model"]) == replaced
+    assert out.token_ids == tiny.reference_greedy([5, 6, 7], 4)
 
 
 def test_default_cache_dir_follows_xdg_cache_home(tmp_path, monkeypatch):
