@@ -92,7 +92,7 @@ def print_table(result: dict) -> None:
     slo, workload = result["slo"], result["workload"]
     columns = dict(result["policies"])
     if "dedicated_offline" in result:
-        columns[f"offline alone ({workload['dedicated_policy']})"] = result["dedicated_offline"]
+        columns[f"offline alone ({_dedicated_policy(result)})"] = result["dedicated_offline"]
     width = max(12, *(len(c) + 2 for c in columns))
     print(f"\n{'':<24}" + "".join(f"{c:>{width}}" for c in columns))
     for label, key, scale, fmt in ROWS:
@@ -113,7 +113,9 @@ def print_table(result: dict) -> None:
           f"'>=' marks lower bounds from requests with no first token by then.")
     if result.get("dedicated_offline_tok_s") is not None:
         runs = result.get("dedicated_offline_runs_tok_s") or []
-        each = f" (the best of {', '.join(f'{x:.1f}' for x in runs if x is not None)})" if len(runs) > 1 else ""
+        policies = result.get("dedicated_offline_runs_policy") or [""] * len(runs)
+        named = [f"{x:.1f}" + (f" {p}" if p else "") for x, p in zip(runs, policies) if x is not None]
+        each = f" (the best of {', '.join(named)})" if len(runs) > 1 else ""
         print(f"dedicated_offline_tok_s = {result['dedicated_offline_tok_s']:.1f}{each}")
     for name, col in columns.items():
         if "error" in col:
@@ -171,7 +173,7 @@ def plot_results(result: dict, path: str) -> None:
     if "timeline" in result.get("dedicated_offline", {}):
         t, rate = _offline_rate(result["dedicated_offline"]["timeline"])
         ax_tok.plot(t, rate, color="grey", lw=1.2, ls="--",
-                    label=f"offline alone, {workload.get('dedicated_policy')} "
+                    label=f"offline alone, {_dedicated_policy(result)} "
                           f"(mean {result['dedicated_offline_tok_s']:.0f})")
 
     ax_ttft.axhline(slo["ttft_s"], color="black", ls=":", lw=1, label=f"TTFT SLO {slo['ttft_s']:g} s")
@@ -229,6 +231,12 @@ def _offline_rate(timeline: list[dict], window_s: float = 5.0) -> tuple[list[flo
     return t, rate
 
 
+def _dedicated_policy(result: dict) -> str:
+    """The policy of the offline-only run the harvest ratio is measured against (results written before
+    several policies were run name a single one in the workload)."""
+    return result.get("dedicated_offline", {}).get("policy") or str(result["workload"].get("dedicated_policy"))
+
+
 def _fmt(value, scale: float = 1.0) -> str:
     return "-" if value is None else f"{value * scale:.3g}"
 
@@ -247,3 +255,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
