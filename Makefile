@@ -46,7 +46,7 @@ bench: install
 	$(PY) bench/throughput.py --json bench/results/throughput.json $(BENCH_ARGS)
 
 # Co-serving benchmark (bench/README.md): every policy on the same online trace plus an offline backlog,
-# about 9 minutes with the default 60 s window. matplotlib (the `bench` extra) is installed on first use.
+# about 11 minutes with the default 60 s window. matplotlib (the `bench` extra) is installed on first use.
 bench-coserve: install
 	$(PY) -c 'import matplotlib' 2>/dev/null || $(PIP) install -e '.[dev,bench]'
 	mkdir -p bench/results
