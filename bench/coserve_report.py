@@ -255,4 +255,3 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-

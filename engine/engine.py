@@ -25,7 +25,7 @@ from engine.model import LlamaModel
 from engine.model_runner import ModelRunner, ParkedStep
 from engine.output import RequestMetrics, RequestOutput, RequestStream
 from engine.policy import Policy
-from engine.profiler import agrees_with_steps, check_shapes, device_key, load_or_profile, profile_cost_model
+from engine.profiler import check_shapes, device_key, load_or_profile, profile_cost_model, time_check_steps
 from engine.prompt import Prompt, prompt_token_ids
 from engine.request import Request, RequestClass
 from engine.sampling_params import SamplingParams
@@ -151,6 +151,7 @@ class Engine:
             self.runner = ModelRunner(model, self.kv_cache, self.device, self._decode_mirror(mc, num_blocks, dtype))
         self.policy = Policy.parse(config.policy)
         cost_model = None
+        self.profile_key: str | None = None  # what the step-latency profile is cached under (conserve only)
         if self.policy.harvests:
             cost_model = self._cost_model(loaded, dtype)
             store_bytes = config.checkpoint_bytes
@@ -196,13 +197,14 @@ class Engine:
         read from the cache (keyed by model, device, dtype, threads and block size)."""
         cfg = self.config
         max_tokens = max(cfg.max_num_batched_tokens, cfg.offline_max_batched_tokens or 0)
-        key = "|".join([device_key(loaded.name, self.device, dtype, cfg.block_size), repr(self.model_config),
-                        f"tokens {max_tokens}"])
+        # profiler.profile_cache_path(cfg.profile_cache_dir, self.profile_key) is the cache file.
+        self.profile_key = key = "|".join([device_key(loaded.name, self.device, dtype, cfg.block_size),
+                                           repr(self.model_config), f"tokens {max_tokens}"])
         max_seqs, max_context = min(cfg.max_num_seqs, 64), min(self.max_model_len, 2048)
         return load_or_profile(cfg.profile_cache_dir, key, lambda: profile_cost_model(
             self.runner, self.pool, max_tokens=max_tokens, max_seqs=max_seqs, max_context=max_context,
-            time_budget_s=cfg.profile_seconds), agrees=lambda model: agrees_with_steps(
-            model, self.runner, self.pool, check_shapes(max_tokens, max_seqs, max_context)))
+            time_budget_s=cfg.profile_seconds), check=lambda: time_check_steps(
+            self.runner, self.pool, check_shapes(max_tokens, max_seqs, max_context)))
 
     def _run(self, loaded: LoadedModel | None) -> None:
         try:

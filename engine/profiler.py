@@ -7,6 +7,7 @@ on them. A cached profile is checked against a few steps timed at start-up befor
 (CHECK_TOLERANCE says why)."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -32,7 +33,7 @@ log = logging.getLogger(__name__)
 
 # Part of every cache file's name: bump it when the features or the profiled shapes change, so that
 # profiles made the old way are not reused.
-PROFILE_VERSION = 3
+PROFILE_VERSION = 4
 # Profiling goes on past its time budget until it has this many samples: fewer cannot pin down six
 # coefficients against timing noise.
 MIN_SAMPLES = 12
@@ -146,21 +147,25 @@ def profile_cost_model(runner: ModelRunner, pool: BlockPool, max_tokens: int, ma
     return CostModel.fit(samples), samples
 
 
-# A cached profile is checked before use against a few quick steps timed now; it is profiled again when
-# their median measured / predicted ratio falls outside [1 / CHECK_TOLERANCE, CHECK_TOLERANCE]. Why: a
-# profile taken while something else held the cores fits its own samples well (every step is slowed
-# alike), so the fit-error guard below lets it into the cache, and every later start planned with it.
-# Seen on 2 cores (SmolLM2, bf16): profiled beside a package install, it put a step's fixed cost at
-# 20 ms and each token of cached context at 14 us, where a quiet profile finds 11 ms and 1.5 us; under
-# a 21 ms TPOT SLO the scheduler then found no room for any offline token beside an online decode.
-# The same check catches a cache carried to another machine that reports the same CPU name.
+# A cached profile is checked before use: a few quick steps (check_shapes) are timed right after
+# profiling and stored with the model, and timed again at every start; when the median ratio of now to
+# then falls outside [1 / CHECK_TOLERANCE, CHECK_TOLERANCE], the machine is not the one profiled and the
+# profile is taken again. Why: a profile taken while something else held the cores fits its own
+# samples well (every step is slowed alike), so the fit-error guard below lets it into the cache, and
+# every later start planned with it. Seen on 2 cores (SmolLM2, bf16): profiled beside a package
+# install, it put a step's fixed cost at 20 ms and each token of cached context at 14 us, where a quiet
+# profile finds 11 ms and 1.5 us; under a 21 ms TPOT SLO the scheduler then found no room for any
+# offline token beside an online decode. The same check catches a cache carried to a faster or slower
+# machine that reports the same CPU name. Timings, not the model's predictions, are compared: the
+# linear model over-predicts small steps by up to 1.6x even when right (a matrix product of 8 rows
+# costs what one of 1 does), which a check against predictions mistook for a changed machine.
 CHECK_TOLERANCE = 1.5
 
 
 def check_shapes(max_tokens: int, max_seqs: int, max_context: int) -> list[list[tuple[int, int]]]:
-    """The steps a cached profile is checked against: a lone decode, a batch of decodes over some
-    context, and a decode beside a prefill chunk over cached context (the step that carries offline
-    work beside an online request), each within the limits the profile was taken for."""
+    """The steps a cached profile is checked with: a lone decode, a batch of decodes over some context,
+    and a decode beside a prefill chunk over cached context (the step that carries offline work beside
+    an online request), each within the limits the profile was taken for."""
     context = max(0, min(256, max_context - 33))
     chunk = max(1, min(32, max_tokens - 1, max_context - context))
     shapes = [[(1, min(16, max_context - 1))], [(1, context)] * min(8, max_seqs)]
@@ -169,22 +174,21 @@ def check_shapes(max_tokens: int, max_seqs: int, max_context: int) -> list[list[
     return shapes
 
 
-def agrees_with_steps(model: CostModel, runner: ModelRunner, pool: BlockPool,
-                      shapes: list[list[tuple[int, int]]]) -> bool:
-    """Whether model predicts these steps, timed now, to within CHECK_TOLERANCE (median ratio). True
-    when the pool cannot hold any of them (nothing to judge by)."""
+def time_check_steps(runner: ModelRunner, pool: BlockPool, shapes: list[list[tuple[int, int]]]) -> list[float | None]:
+    """Seconds of each of these steps now (None where the pool cannot hold it), after one warm-up step."""
     generator = torch.Generator().manual_seed(0)
     measure_step(runner, pool, shapes[0], repeats=1, generator=generator)  # lazy initialisation
-    ratios = []
-    for chunks in shapes:
-        seconds = measure_step(runner, pool, chunks, generator=generator)
-        if seconds is not None:
-            ratios.append(seconds / max(model.predict(chunks), 1e-9))
+    return [measure_step(runner, pool, chunks, generator=generator) for chunks in shapes]
+
+
+def same_speed(then: list[float | None], now: list[float | None]) -> bool:
+    """Whether the check steps ran as fast now as when the profile was taken, to within CHECK_TOLERANCE
+    (median ratio). True when no step was timed both times (nothing to judge by)."""
+    ratios = sorted(b / a for a, b in zip(then, now) if a and b)
     if not ratios:
         return True
-    median = sorted(ratios)[len(ratios) // 2]
-    log.debug("cached profile check: measured / predicted %s", [round(r, 2) for r in ratios])
-    return 1 / CHECK_TOLERANCE <= median <= CHECK_TOLERANCE
+    log.debug("profile check: check steps now / at profiling %s", [round(r, 2) for r in ratios])
+    return 1 / CHECK_TOLERANCE <= ratios[len(ratios) // 2] <= CHECK_TOLERANCE
 
 
 def device_key(model_name: str, device: torch.device, dtype: torch.dtype, block_size: int) -> str:
@@ -217,37 +221,53 @@ def default_cache_dir() -> Path:
 MAX_CACHED_FIT_ERROR = 0.2
 
 
-def load_or_profile(cache_dir: str | Path | None, key: str,
-                    profile: Callable[[], tuple[CostModel, list[Sample]]],
-                    agrees: Callable[[CostModel], bool] | None = None) -> CostModel:
-    """The cost model cached for key (see device_key), or the one profile() fits, written to the cache
-    if it fits its samples well. A missing, unreadable or corrupt file means profiling again, and so
-    does a cached model that agrees(model) finds out of step with the machine as it runs now; a cache
-    that cannot be written is only logged."""
+def profile_cache_path(cache_dir: str | Path | None, key: str) -> Path:
+    """The file the profile for key is cached in (cache_dir None: the default directory)."""
     directory = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     digest = hashlib.sha256(f"v{PROFILE_VERSION}|{key}".encode()).hexdigest()[:24]
-    path = directory / f"cost-model-{digest}.json"
-    cached = None
+    return directory / f"cost-model-{digest}.json"
+
+
+def load_or_profile(cache_dir: str | Path | None, key: str,
+                    profile: Callable[[], tuple[CostModel, list[Sample]]],
+                    check: Callable[[], list[float | None]] | None = None) -> CostModel:
+    """The cost model cached for key (see device_key), or the one profile() fits, written to the cache
+    if it fits its samples well. check() times a few fixed steps (time_check_steps): right after
+    profiling, and at a later start to compare with those timings (same_speed). A missing, unreadable or
+    corrupt file means profiling again, and so does a cached profile whose check steps now run at
+    another speed; a cache that cannot be written is only logged."""
+    path = profile_cache_path(cache_dir, key)
+    directory = path.parent
+    cached = then = None
     try:
         stored = json.loads(path.read_text())
         if stored.get("key") == key:
             cached = CostModel.from_dict(stored["model"])
+            then = stored.get("check_seconds")
+            if then is not None and (not isinstance(then, list)
+                                     or not all(t is None or isinstance(t, (int, float)) for t in then)):
+                raise ValueError("check_seconds must be a list of seconds")
         else:
             log.info("profile cache %s holds another key; profiling again", path)
     except FileNotFoundError:
         pass
     except (OSError, ValueError, KeyError, AttributeError) as exc:
+        cached = None
         log.warning("ignoring unreadable profile cache %s (%s); profiling again", path, exc)
     if cached is not None:
-        if agrees is None or agrees(cached):
+        if check is None or then is None or same_speed(then, check()):
             return cached
-        log.warning("the cached step-latency profile %s no longer predicts this machine's steps (profiled "
-                    "while something else ran, or on another machine); profiling again", path)
+        log.warning("steps run at another speed than when the cached step-latency profile %s was taken "
+                    "(taken while something else ran, or on another machine); profiling again", path)
     model, samples = profile()
+    check_seconds = check() if check is not None else None
     error = model.mean_relative_error(samples)
     if error > MAX_CACHED_FIT_ERROR:
         log.warning("step-latency profile fits its samples to %.0f%% only (busy machine?); using it without "
                     "caching it", 100 * error)
+        if cached is not None:  # the stale one would only fail its check again at every start
+            with contextlib.suppress(OSError):
+                path.unlink(missing_ok=True)
         return model
     try:
         directory.mkdir(parents=True, exist_ok=True)
@@ -255,7 +275,8 @@ def load_or_profile(cache_dir: str | Path | None, key: str,
         fd, tmp = tempfile.mkstemp(dir=directory, prefix=path.name, suffix=".tmp")
         try:
             with os.fdopen(fd, "w") as f:
-                json.dump({"key": key, "version": PROFILE_VERSION, "model": model.to_dict()}, f, indent=1)
+                json.dump({"key": key, "version": PROFILE_VERSION, "model": model.to_dict(),
+                           "check_seconds": check_seconds}, f, indent=1)
             os.replace(tmp, path)
         except BaseException:
             os.unlink(tmp)

@@ -15,8 +15,8 @@ from engine.cost_model import CostModel, features
 from engine.kv_cache import BlockPool, KVCache
 from engine.model import LlamaModel
 from engine.model_runner import ModelRunner
-from engine.profiler import (agrees_with_steps, check_shapes, device_key, load_or_profile, measure_step,
-                             profile_cost_model)
+from engine.profiler import (check_shapes, device_key, load_or_profile, measure_step, profile_cache_path,
+                             profile_cost_model, same_speed, time_check_steps)
 from engine.sampling_params import SamplingParams
 from tiny_models import build_tiny_model
 
@@ -175,7 +175,7 @@ def test_load_or_profile_caches_and_reprofiles_a_corrupt_file(tmp_path):
     assert load_or_profile(tmp_path, key, profile) == again and len(calls) == 3
 
 
-def test_a_cached_profile_that_disagrees_with_the_machine_is_profiled_again(tmp_path):
+def test_a_cached_profile_whose_check_steps_now_run_at_another_speed_is_profiled_again(tmp_path):
     calls = []
 
     def profile():
@@ -183,50 +183,66 @@ def test_a_cached_profile_that_disagrees_with_the_machine_is_profiled_again(tmp_
         model = CostModel(per_step=1e-3 * len(calls))
         return model, [([(1, 10)], model.predict([(1, 10)]))]
 
-    first = load_or_profile(tmp_path, "k", profile)
-    checked = []
-    agree = lambda model: checked.append(model) or True  # noqa: E731
-    assert load_or_profile(tmp_path, "k", profile, agrees=agree) == first and len(calls) == 1
-    assert checked == [first]  # the cached model was checked, and kept
+    speed = {"now": [0.010, 0.020, None]}
+    check = lambda: list(speed["now"])  # noqa: E731
+    first = load_or_profile(tmp_path, "k", profile, check=check)
+    assert json.loads(profile_cache_path(tmp_path, "k").read_text())["check_seconds"] == [0.010, 0.020, None]
 
-    again = load_or_profile(tmp_path, "k", profile, agrees=lambda model: False)
+    speed["now"] = [0.012, 0.017, 0.5]  # within 1.5x where timed both times: the same machine
+    assert load_or_profile(tmp_path, "k", profile, check=check) == first and len(calls) == 1
+
+    speed["now"] = [0.005, 0.009, None]  # twice as fast: profiled while something else ran, or elsewhere
+    again = load_or_profile(tmp_path, "k", profile, check=check)
     assert len(calls) == 2 and again.per_step == pytest.approx(2e-3)
-    assert load_or_profile(tmp_path, "k", profile) == again  # and the new one replaced it in the cache
+    assert load_or_profile(tmp_path, "k", profile, check=check) == again and len(calls) == 2
+    assert json.loads(profile_cache_path(tmp_path, "k").read_text())["check_seconds"] == [0.005, 0.009, None]
+
+    # A new profile too noisy to cache still removes the one its check rejected.
+    speed["now"] = [0.02, 0.04, None]
+    noisy = CostModel(per_step=1e-3)
+    assert load_or_profile(tmp_path, "k", lambda: (noisy, [([(1, 1)], 1e-3), ([(1, 1)], 3e-3)]),
+                           check=check) == noisy
+    assert not profile_cache_path(tmp_path, "k").exists()
 
 
-def test_the_check_keeps_a_true_profile_and_rejects_one_taken_on_a_busier_or_faster_machine(
-        runner_and_pool, profiled):
-    """A profile taken while another process held the cores predicts every step too slow (here: 3x);
-    one carried over from a slower machine too, from a faster one too fast."""
+def test_same_speed_compares_the_median_ratio():
+    assert same_speed([1.0, 2.0, 3.0], [1.1, 2.2, 2.7])
+    assert not same_speed([1.0, 2.0, 3.0], [2.0, 4.0, 3.0])  # two of three twice as slow
+    assert same_speed([1.0, 2.0, 3.0], [2.0, 2.0, 3.0])      # one outlier does not count
+    assert not same_speed([1.0, 2.0], [0.5, 0.6])
+    assert same_speed([None, 1.0], [1.0, None])               # nothing timed both times: nothing to judge
+
+
+def test_the_check_steps_time_alike_twice_and_free_every_block(runner_and_pool):
     runner, pool = runner_and_pool
-    model, _ = profiled
     shapes = check_shapes(MAX_TOKENS, MAX_SEQS, MAX_CONTEXT)
+    assert all(sum(p for p, _ in step) <= MAX_TOKENS for step in shapes)
     assert all(p + c <= MAX_CONTEXT for step in shapes for p, c in step)
     free = pool.num_free
-    assert agrees_with_steps(model, runner, pool, shapes)
-    for factor in (3.0, 1 / 3):
-        scaled = CostModel(**{name: value * factor for name, value in model.to_dict().items()})
-        assert not agrees_with_steps(scaled, runner, pool, shapes), factor
-    assert pool.num_free == free
+    then, now = time_check_steps(runner, pool, shapes), time_check_steps(runner, pool, shapes)
+    assert pool.num_free == free and all(then) and all(now)
+    assert same_speed(then, now)
+    assert not same_speed(then, [t * 3 for t in now]) and not same_speed(then, [t / 3 for t in now])
 
 
-def test_an_engine_replaces_a_cached_profile_its_steps_disagree_with(tmp_path):
-    """End to end: the cache holds a profile 4x too slow for this machine (as one taken beside other
-    work would be); the next engine to start profiles again and caches what it measured instead."""
+def test_an_engine_replaces_a_cached_profile_taken_on_a_slower_machine(tmp_path):
+    """End to end: the cache holds a profile 4x too slow whose check steps took seconds (as on a far
+    slower or far busier machine); the next engine to start profiles again and caches what it measured."""
     tiny = build_tiny_model()
     with tiny.engine(profile_cache_dir=tmp_path) as engine:
-        true = engine.scheduler.cost_model
-    (cache_file,) = tmp_path.glob("*.json")
-    stored = json.loads(cache_file.read_text())
-    stored["model"] = {name: value * 4 for name, value in stored["model"].items()}
-    cache_file.write_text(json.dumps(stored))
-    planted = CostModel.from_dict(stored["model"])
+        true, key = engine.scheduler.cost_model, engine.profile_key
+    # Written here rather than edited: a profile that fits its samples badly (a noisy moment) is not cached.
+    cache_file = profile_cache_path(tmp_path, key)
+    planted = CostModel(**{name: value * 4 for name, value in true.to_dict().items()})
+    cache_file.write_text(json.dumps({"key": key, "model": planted.to_dict(), "check_seconds": [2.0, 2.0, 2.0]}))
     with tiny.engine(profile_cache_dir=tmp_path) as engine:
         replaced = engine.scheduler.cost_model
         out = engine.generate([[5, 6, 7]], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))[0]
     lone_decode = [(1, 16)]
     assert replaced.predict(lone_decode) < planted.predict(lone_decode) / 2, (true, replaced)
-    assert CostModel.from_dict(json.loads(cache_file.read_text())["model"]) == replaced
+    # The planted profile is gone from the cache: replaced by the new one, or removed if a noisy moment
+    # left the new one fitting its samples too badly to be cached.
+    assert not cache_file.exists() or json.loads(cache_file.read_text())["model"] == replaced.to_dict()
     assert out.token_ids == tiny.reference_greedy([5, 6, 7], 4)
 
 
