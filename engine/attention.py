@@ -57,6 +57,32 @@ class AttentionBackend(ABC):
         """The dtype the step's masks (AttentionMetadata's biases) are built in, for a model in `dtype`."""
         return torch.float32
 
+    def kernels(self, device: torch.device, dtype: torch.dtype) -> str:
+        """Which kernels serve which steps on `device` in `dtype`: part of what a step-latency profile
+        depends on (a profile taken with other kernels mispredicts)."""
+        return type(self).__name__
+
+
+def cpu_sdpa_prefill_dtypes() -> tuple[torch.dtype, ...]:
+    """The dtypes whose prefill chunks on this CPU are faster in scaled_dot_product_attention's flash
+    kernel than in the batched matmuls: float32 everywhere, bfloat16 too where the CPU has AMX.
+
+    The kernel never writes out the scores, which the matmuls do in float32 at twice bfloat16's bytes.
+    - float32, one layer at a time on 2 cores (AVX2 EPYC, SmolLM2's heads), kernel against matmuls: a
+      1,000-token first chunk 24 against 93 ms, 1,024 tokens over 1,024 cached 54 against 174, 512
+      over 1,000 30 against 70, 16 prompts of 128 7.7 against 15, 32 tokens over 1,000 1.0 against
+      1.4, 8 over 200 0.10 against 0.21.
+    - bfloat16 with AMX (2-core Xeon, torch 2.13, whole SmolLM2 steps): the kernel's bfloat16 products
+      run on AMX tiles, and every step shape measured was faster with it: one 512-token first chunk 144
+      against 161 ms, 1,024 tokens 273 against 401, 512 over 1,024 cached 214 against 263, 16 prompts
+      of 128 379-382 against 403-414, an online decode beside 128 offline tokens over 1,024 cached
+      75-79 against 84-86, beside 8 over 1,024 33.6 against 34.4.
+    - bfloat16 without AMX (2-core Zen 4, AVX-512 BF16) the matmuls won: 512 new tokens over 1,000
+      cached 0.59 against 0.82 s a step, 2,048 over 2,048 4.2 against 5.5 s; there bfloat16 first
+      chunks take the kernel only from sdpa_min_chunk tokens."""
+    amx = getattr(getattr(torch, "cpu", None), "_is_amx_tile_supported", lambda: False)()
+    return (torch.float32, torch.bfloat16) if amx else (torch.float32,)
+
 
 class TorchAttentionBackend(AttentionBackend):
     """Gathers each sequence's context block by block (by its block table), then attends with batched
@@ -67,25 +93,22 @@ class TorchAttentionBackend(AttentionBackend):
     ever repeated, and gathered context is used as it comes out of the cache. On CPU these measured
     2-3x faster than scaled_dot_product_attention, whose flash kernel is slow for few query rows.
     Long first chunks (no cached context) go to scaled_dot_product_attention, whose causal flash
-    kernel skips the masked half; in float32 on the CPU every prefill chunk does (sdpa_prefill_dtypes)."""
+    kernel skips the masked half; on the CPU every prefill chunk does in float32, and in bfloat16 where
+    the CPU has AMX (sdpa_prefill_dtypes)."""
 
     # Largest float32 score tensor built at once; longer prefill chunks are attended in query slices.
     max_score_bytes = 64 << 20
-    # First chunks this long go to scaled_dot_product_attention with is_causal. Measured as whole steps
-    # on 2 cores (Zen 4, SmolLM2, bf16): one 2,048-token prompt 2.53 s against 2.67 s with the
-    # matmuls, but 1,024 tokens 1.01 s against 0.98 s and 512 tokens 0.47 s against 0.40 s. Chunks
-    # with cached context always take the matmuls: there the kernel has to apply an explicit mask, and
-    # measured slower at every size (512 new tokens over 1,000 cached: 0.82 s against 0.59 s; 2,048
+    # First chunks this long go to scaled_dot_product_attention with is_causal (in a dtype not in
+    # sdpa_prefill_dtypes, where all do). Measured as whole steps on 2 cores (Zen 4, SmolLM2, bf16):
+    # one 2,048-token prompt 2.53 s against 2.67 s with the matmuls, but 1,024 tokens 1.01 s against
+    # 0.98 s and 512 tokens 0.47 s against 0.40 s. Chunks with cached context take the matmuls there:
+    # the kernel has to apply an explicit mask, and measured slower at every size (512 new tokens over 1,000 cached: 0.82 s against 0.59 s; 2,048
     # over 2,048: 5.5 s against 4.2 s).
     sdpa_min_chunk = 1536
     # Dtypes whose prefill chunks on the CPU all go to scaled_dot_product_attention, whatever their length:
-    # first chunks with is_causal, chunks over cached context with the step's mask. Its flash kernel
-    # never writes out the scores, which the matmuls do in float32 at twice bfloat16's bytes. Measured
-    # one layer at a time on 2 cores (AVX2 EPYC, SmolLM2's heads, float32), kernel against matmuls: a
-    # 1,000-token first chunk 24 against 93 ms, 1,024 tokens over 1,024 cached 54 against 174, 512 over
-    # 1,000 30 against 70, 16 prompts of 128 7.7 against 15, 32 tokens over 1,000 1.0 against 1.4, 8
-    # over 200 0.10 against 0.21. bfloat16 keeps the matmuls below sdpa_min_chunk (measured above).
-    sdpa_prefill_dtypes: tuple[torch.dtype, ...] = (torch.float32,)
+    # first chunks with is_causal, chunks over cached context with the step's mask (see
+    # cpu_sdpa_prefill_dtypes for which, and the measurements behind it).
+    sdpa_prefill_dtypes: tuple[torch.dtype, ...] = cpu_sdpa_prefill_dtypes()
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, block_size: int):
         self.num_heads = num_heads
@@ -100,6 +123,11 @@ class TorchAttentionBackend(AttentionBackend):
 
     def bias_dtype(self, dtype: torch.dtype) -> torch.dtype:
         return dtype if self._exact_scale else torch.float32
+
+    def kernels(self, device: torch.device, dtype: torch.dtype) -> str:
+        if device.type == "cpu" and dtype in self.sdpa_prefill_dtypes:
+            return "prefill: sdpa"
+        return f"prefill: sdpa from {self.sdpa_min_chunk} new tokens, matmuls below"
 
     def forward(self, q, k, v, key_cache, value_cache, meta, layer):
         key_cache.index_copy_(1, meta.slot_mapping, k.transpose(0, 1))

@@ -199,7 +199,8 @@ class Engine:
         max_tokens = max(cfg.max_num_batched_tokens, cfg.offline_max_batched_tokens or 0)
         # profiler.profile_cache_path(cfg.profile_cache_dir, self.profile_key) is the cache file.
         self.profile_key = key = "|".join([device_key(loaded.name, self.device, dtype, cfg.block_size),
-                                           repr(self.model_config), f"tokens {max_tokens}"])
+                                           repr(self.model_config), f"tokens {max_tokens}",
+                                           self.runner.model.backend.kernels(self.device, dtype)])
         max_seqs, max_context = min(cfg.max_num_seqs, 64), min(self.max_model_len, 2048)
         return load_or_profile(cfg.profile_cache_dir, key, lambda: profile_cost_model(
             self.runner, self.pool, max_tokens=max_tokens, max_seqs=max_seqs, max_context=max_context,

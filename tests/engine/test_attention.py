@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.attention import TorchAttentionBackend
+from engine.attention import TorchAttentionBackend, cpu_sdpa_prefill_dtypes
 from engine.kv_cache import BlockPool, KVCache
 from engine.model_config import ModelConfig
 from engine.model_runner import ModelRunner
@@ -42,26 +42,34 @@ def make_request(i: int, length: int, cached: int, pool: BlockPool) -> Request:
     return req
 
 
-@pytest.mark.parametrize("max_score_bytes, sdpa_min_chunk, sdpa_prefill_dtypes", [
-    (64 << 20, 1 << 20, ()),  # continued prefill chunks on the matmul path
-    (256, 1 << 20, ()),       # tiny score budget: query slicing
-    (64 << 20, 2, ()),        # the fresh prefill on scaled_dot_product_attention (is_causal)
-    (64 << 20, 1 << 20, (torch.float32,)),  # every prefill chunk on it, continued ones with the mask
+@pytest.mark.parametrize("max_score_bytes, sdpa_min_chunk, sdpa_prefill_dtypes, dtype", [
+    (64 << 20, 1 << 20, (), torch.float32),  # continued prefill chunks on the matmul path
+    (256, 1 << 20, (), torch.float32),       # tiny score budget: query slicing
+    (64 << 20, 2, (), torch.float32),        # the fresh prefill on scaled_dot_product_attention (is_causal)
+    (64 << 20, 1 << 20, (torch.float32,), torch.float32),  # every prefill chunk on it, continued ones masked
+    (64 << 20, 1 << 20, (), torch.bfloat16),                # bfloat16 on the matmuls (CPUs without AMX)
+    (64 << 20, 1 << 20, (torch.bfloat16,), torch.bfloat16),  # bfloat16 all on the kernel (CPUs with AMX)
 ])
 def test_paged_attention_matches_reference_for_mixed_batch(max_score_bytes, sdpa_min_chunk, sdpa_prefill_dtypes,
-                                                           monkeypatch):
+                                                           dtype, monkeypatch):
+    """Against a float32 reference on the same (rounded) inputs: exactly in float32, to bfloat16's
+    rounding of the output (8 bits of mantissa, plus the rounded probabilities) in bfloat16."""
     torch.manual_seed(0)
     monkeypatch.setattr(TorchAttentionBackend, "max_score_bytes", max_score_bytes)
     monkeypatch.setattr(TorchAttentionBackend, "sdpa_min_chunk", sdpa_min_chunk)
     monkeypatch.setattr(TorchAttentionBackend, "sdpa_prefill_dtypes", sdpa_prefill_dtypes)
     pool = BlockPool(64, BLOCK)
-    cache = KVCache(CONFIG, 64, BLOCK, torch.float32, torch.device("cpu"))
+    cache = KVCache(CONFIG, 64, BLOCK, dtype, torch.device("cpu"))
     # (total tokens, tokens already cached, tokens this step): decodes of different context lengths,
     # a fresh prefill, two prefill chunks continuing a cached prefix (same shape: batched together).
     shapes = [(7, 6, 1), (13, 12, 1), (1, 0, 1), (9, 0, 9), (11, 5, 6), (11, 5, 6)]
     requests = [make_request(i, total, cached, pool) for i, (total, cached, _) in enumerate(shapes)]
-    full_k = [torch.randn(total, KV_HEADS, HEAD_DIM) for total, _, _ in shapes]
-    full_v = [torch.randn(total, KV_HEADS, HEAD_DIM) for total, _, _ in shapes]
+
+    def randn(*shape):  # values the dtype holds exactly, so the float32 reference sees the same inputs
+        return torch.randn(*shape).to(dtype).float()
+
+    full_k = [randn(total, KV_HEADS, HEAD_DIM) for total, _, _ in shapes]
+    full_v = [randn(total, KV_HEADS, HEAD_DIM) for total, _, _ in shapes]
     for req, k, v, (_, cached, _) in zip(requests, full_k, full_v, shapes):  # earlier tokens already cached
         for p in range(cached):
             slot = req.block_ids[p // BLOCK] * BLOCK + p % BLOCK
@@ -73,7 +81,7 @@ def test_paged_attention_matches_reference_for_mixed_batch(max_score_bytes, sdpa
     batch = runner.prepare(chunks)
     order = batch.positions.tolist()
     # Rebuild the batch's q, k, v in the order prepare() laid the tokens out.
-    q_all = {id(r): torch.randn(total, HEADS, HEAD_DIM) for r, (total, _, _) in zip(requests, shapes)}
+    q_all = {id(r): randn(total, HEADS, HEAD_DIM) for r, (total, _, _) in zip(requests, shapes)}
     token_owner = []
     for c in sorted(chunks, key=lambda c: c.num_tokens != 1):  # decodes first, as prepare orders them
         token_owner += [(c.request, c.request.num_computed_tokens + j) for j in range(c.num_tokens)]
@@ -84,12 +92,26 @@ def test_paged_attention_matches_reference_for_mixed_batch(max_score_bytes, sdpa
     v = torch.stack([full_v[index[id(r)]][p] for r, p in token_owner])
 
     backend = TorchAttentionBackend(HEADS, KV_HEADS, HEAD_DIM, BLOCK)
-    out = backend.forward(q, k, v, cache.keys[0], cache.values[0], batch.meta, 0)
+    out = backend.forward(q.to(dtype), k.to(dtype), v.to(dtype), cache.keys[0], cache.values[0], batch.meta, 0)
+    assert out.dtype == dtype
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
 
     for row, (req, pos) in enumerate(token_owner):
         i = index[id(req)]
         expected = reference_attention(q_all[id(req)][pos:pos + 1], full_k[i][:pos + 1], full_v[i][:pos + 1], pos)
-        torch.testing.assert_close(out[row:row + 1], expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out[row:row + 1].float(), expected, rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("amx", [True, False])
+def test_bfloat16_prefill_takes_the_flash_kernel_only_where_the_cpu_has_amx(amx, monkeypatch):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    assert cpu_sdpa_prefill_dtypes() == ((torch.float32, torch.bfloat16) if amx else (torch.float32,))
+    monkeypatch.setattr(TorchAttentionBackend, "sdpa_prefill_dtypes", cpu_sdpa_prefill_dtypes())
+    backend = TorchAttentionBackend(HEADS, KV_HEADS, HEAD_DIM, BLOCK)
+    cpu = torch.device("cpu")
+    # The kernels are part of a profile's cache key: a profile timed with the other ones does not load.
+    assert (backend.kernels(cpu, torch.bfloat16) == backend.kernels(cpu, torch.float32)) == amx
+    assert backend.kernels(torch.device("cuda"), torch.bfloat16) != backend.kernels(cpu, torch.float32)
 
 
 def test_masks_stay_in_bfloat16_only_where_that_changes_no_score():
