@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.attention import TorchAttentionBackend, cpu_sdpa_prefill_dtypes
+from engine.attention import TorchAttentionBackend, cpu_sdpa_decode_dtypes, cpu_sdpa_prefill_dtypes
 from engine.kv_cache import BlockPool, KVCache
 from engine.model_config import ModelConfig
 from engine.model_runner import ModelRunner
@@ -102,16 +102,20 @@ def test_paged_attention_matches_reference_for_mixed_batch(max_score_bytes, sdpa
         torch.testing.assert_close(out[row:row + 1].float(), expected, rtol=tolerance, atol=tolerance)
 
 
-@pytest.mark.parametrize("amx", [True, False])
-def test_bfloat16_prefill_takes_the_flash_kernel_only_where_the_cpu_has_amx(amx, monkeypatch):
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
-    assert cpu_sdpa_prefill_dtypes() == ((torch.float32, torch.bfloat16) if amx else (torch.float32,))
-    monkeypatch.setattr(TorchAttentionBackend, "sdpa_prefill_dtypes", cpu_sdpa_prefill_dtypes())
-    backend = TorchAttentionBackend(HEADS, KV_HEADS, HEAD_DIM, BLOCK)
+def test_bfloat16_takes_the_flash_kernel_only_where_the_cpu_has_amx(monkeypatch):
     cpu = torch.device("cpu")
-    # The kernels are part of a profile's cache key: a profile timed with the other ones does not load.
-    assert (backend.kernels(cpu, torch.bfloat16) == backend.kernels(cpu, torch.float32)) == amx
-    assert backend.kernels(torch.device("cuda"), torch.bfloat16) != backend.kernels(cpu, torch.float32)
+    kernels = {}
+    for amx in (True, False):
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+        assert cpu_sdpa_prefill_dtypes() == ((torch.float32, torch.bfloat16) if amx else (torch.float32,))
+        assert cpu_sdpa_decode_dtypes() == ((torch.bfloat16,) if amx else ())
+        monkeypatch.setattr(TorchAttentionBackend, "sdpa_prefill_dtypes", cpu_sdpa_prefill_dtypes())
+        monkeypatch.setattr(TorchAttentionBackend, "sdpa_decode_dtypes", cpu_sdpa_decode_dtypes())
+        backend = TorchAttentionBackend(HEADS, KV_HEADS, HEAD_DIM, BLOCK)
+        kernels[amx] = {dtype: backend.kernels(cpu, dtype) for dtype in (torch.float32, torch.bfloat16)}
+    # The kernels are part of a profile's cache key: a profile timed with other ones does not load.
+    assert kernels[True][torch.bfloat16] != kernels[False][torch.bfloat16]
+    assert kernels[True][torch.float32] == kernels[False][torch.float32]
 
 
 def test_masks_stay_in_bfloat16_only_where_that_changes_no_score():

@@ -27,8 +27,8 @@ class _NoModel:
     backend = TorchAttentionBackend(HEADS, KV_HEADS, HEAD_DIM, BLOCK)
 
 
-def mirror(max_bytes: int = 1 << 30) -> DecodeMirror:
-    return DecodeMirror(LAYERS, KV_HEADS, HEAD_DIM, BLOCK, torch.float32, CPU, max_bytes)
+def mirror(max_bytes: int = 1 << 30, dtype: torch.dtype = torch.float32) -> DecodeMirror:
+    return DecodeMirror(LAYERS, KV_HEADS, HEAD_DIM, BLOCK, dtype, CPU, max_bytes)
 
 
 def request(i: int, length: int, pool: BlockPool, room: int = 8) -> Request:
@@ -43,18 +43,21 @@ def request(i: int, length: int, pool: BlockPool, room: int = 8) -> Request:
 
 class Harness:
     """Two runners over two copies of one pool, one with a mirror and one without; each step feeds both
-    the same random q, k, v (every layer) and compares their decode outputs."""
+    the same random q, k, v (every layer) and compares their decode outputs: exactly in float32, and
+    to bfloat16's rounding where the two take different kernels."""
 
-    def __init__(self, num_blocks: int = 256, max_bytes: int = 1 << 30):
+    def __init__(self, num_blocks: int = 256, max_bytes: int = 1 << 30, dtype: torch.dtype = torch.float32):
         torch.manual_seed(0)
+        self.dtype = dtype
+        self.tolerance = 1e-5 if dtype == torch.float32 else 2e-2
         self.pool = BlockPool(num_blocks, BLOCK)
-        self.caches = [KVCache(CONFIG, num_blocks, BLOCK, torch.float32, CPU) for _ in range(2)]
+        self.caches = [KVCache(CONFIG, num_blocks, BLOCK, dtype, CPU) for _ in range(2)]
         for layer in range(LAYERS):  # pool contents of every block: what earlier steps wrote
             for name in ("keys", "values"):
                 fill = torch.randn_like(getattr(self.caches[0], name)[layer])
                 for cache in self.caches:
                     getattr(cache, name)[layer].copy_(fill)
-        self.mirror = mirror(max_bytes)
+        self.mirror = mirror(max_bytes, dtype)
         self.with_mirror = ModelRunner(_NoModel(), self.caches[0], CPU, self.mirror)
         self.without = ModelRunner(_NoModel(), self.caches[1], CPU)
         self.backend = _NoModel.backend
@@ -66,18 +69,28 @@ class Harness:
         assert batches[0].meta.mirror is not None and batches[1].meta.mirror is None
         n = len(requests)
         for layer in range(LAYERS):
-            q, k, v = torch.randn(n, HEADS, HEAD_DIM), torch.randn(n, KV_HEADS, HEAD_DIM), torch.randn(n, KV_HEADS, HEAD_DIM)
+            q, k, v = (torch.randn(n, heads, HEAD_DIM).to(self.dtype) for heads in (HEADS, KV_HEADS, KV_HEADS))
             outs = [self.backend.forward(q, k, v, cache.keys[layer], cache.values[layer], b.meta, layer)
                     for cache, b in zip(self.caches, batches)]
-            torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+            assert outs[0].dtype == self.dtype
+            torch.testing.assert_close(outs[0].float(), outs[1].float(), rtol=self.tolerance, atol=self.tolerance)
         self.mirror.commit(batches[0].mirror_table)
         for r in requests:
             r.num_computed_tokens += 1
         return batches[0].meta.mirror
 
 
-def test_mirror_attends_as_the_gather_does_as_sequences_join_leave_and_lose_blocks():
-    h = Harness()
+@pytest.mark.parametrize("dtype, sdpa_decode_dtypes", [
+    (torch.float32, ()),
+    (torch.bfloat16, ()),
+    # bfloat16 decodes over the mirror on scaled_dot_product_attention (CPUs with AMX), the gather's
+    # on the matmuls
+    (torch.bfloat16, (torch.bfloat16,)),
+])
+def test_mirror_attends_as_the_gather_does_as_sequences_join_leave_and_lose_blocks(dtype, sdpa_decode_dtypes,
+                                                                                   monkeypatch):
+    monkeypatch.setattr(TorchAttentionBackend, "sdpa_decode_dtypes", sdpa_decode_dtypes)
+    h = Harness(dtype=dtype)
     reqs = [request(i, n, h.pool) for i, n in enumerate([3, 9, 17, 4, 30])]
     h.step(reqs[:3])                          # all join
     h.step(reqs[:3])                          # all append
