@@ -76,8 +76,8 @@ def cpu_sdpa_prefill_dtypes() -> tuple[torch.dtype, ...]:
       1,000-token first chunk 24 against 93 ms, 1,024 tokens over 1,024 cached 54 against 174, 512
       over 1,000 30 against 70, 16 prompts of 128 7.7 against 15, 32 tokens over 1,000 1.0 against
       1.4, 8 over 200 0.10 against 0.21.
-    - bfloat16 with AMX (2-core Xeon, torch 2.13, whole SmolLM2 steps): the kernel's bfloat16 products
-      run on AMX tiles, and every step shape measured was faster with it: one 512-token first chunk 144
+    - bfloat16 with AMX (2-core Xeon, torch 2.13, whole SmolLM2 steps), where the kernel's bfloat16
+      products can use AMX, every step shape measured was faster with it: one 512-token first chunk 144
       against 161 ms, 1,024 tokens 273 against 401, 512 over 1,024 cached 214 against 263, 16 prompts
       of 128 379-382 against 403-414, an online decode beside 128 offline tokens over 1,024 cached
       75-79 against 84-86, beside 8 over 1,024 33.6 against 34.4.
