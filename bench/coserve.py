@@ -132,7 +132,7 @@ def _parse_args() -> argparse.Namespace:
     # per cent of offline throughput (bench/README.md).
     p.add_argument("--offline-max-batched-tokens", type=int, default=512,
                    help="conserve's step size with no online work in flight")
-    p.add_argument("--preemption-mode", choices=("park", "discard"), default="discard")
+    p.add_argument("--preemption-mode", choices=("discard", "drop", "park"), default="drop")
     p.add_argument("--checkpoint-bytes", type=int, help="host KV checkpoint store (engine default: pool size)")
     p.add_argument("--offline-requests", type=int, help="offline backlog size (default: never runs dry)")
     p.add_argument("--drain", type=float, default=15.0,

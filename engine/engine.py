@@ -47,7 +47,7 @@ class EngineStats:
     generation_tokens_by_class: dict[str, int] = field(default_factory=lambda: {"online": 0, "offline": 0})
     recomputed_tokens: int = 0           # tokens computed again after an eviction (not restored from a checkpoint)
     layer_yields: int = 0                # steps stopped at a safepoint for newly arrived online work
-    discarded_tokens: int = 0            # tokens of steps a yield threw away (preemption_mode "discard")
+    discarded_tokens: int = 0            # tokens of steps a yield threw away (preemption_mode "discard", "drop")
     checkpointed_tokens: int = 0         # offline tokens whose KV reached the host checkpoint store
     restored_tokens: int = 0             # tokens restored from the store instead of recomputed
     checkpoint_store_full: int = 0       # requests the store had no room for (they recompute what is missing)
@@ -378,8 +378,10 @@ class Engine:
         whether online work has arrived, and stops there. "discard" throws the partial step's offline
         work away (nothing of it was committed, so those requests simply run again) and finishes its
         online rows alone from that layer, so online requests already decoding lose nothing; the new
-        arrival goes into the next step. "park" keeps the whole hidden state; the next call runs a step
-        of the new online requests alone, then finishes the parked one from the layer it stopped at."""
+        arrival goes into the next step. "drop" throws the whole partial step away, online rows too: they
+        run again beside the arrival, which waits for no remaining layers. "park" keeps the whole hidden
+        state; the next call runs a step of the new online requests alone, then finishes the parked one
+        from the layer it stopped at."""
         if self._parked is not None:
             parked, self._parked = self._parked, None
             inserted = self.scheduler.schedule(only_new_online=True, busy=frozenset(parked.requests))
@@ -439,7 +441,7 @@ class Engine:
                 self._stats.discarded_tokens += shed
             chunks, as_planned, now = online, False, time.monotonic()
         if isinstance(result, ParkedStep):
-            discard = self.config.preemption_mode == "discard"
+            discard = self.config.preemption_mode in ("discard", "drop")
             if not discard:
                 self._parked = result
             with self._lock:

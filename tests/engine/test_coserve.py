@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from engine.errors import InvalidRequestError
+from engine.model_runner import ParkedStep
 from engine.sampling_params import SamplingParams
 from tiny_models import build_tiny_model, prompt_of
 
@@ -82,18 +83,18 @@ def run_mixed(engine, at_layers: list[int] | None = None, at_rounds: list[int] |
     return offline_out, online_out, arrivals
 
 
-@pytest.mark.parametrize("mode", ["park", "discard"])
+@pytest.mark.parametrize("mode", ["park", "discard", "drop"])
 def test_layer_wise_yields_leave_every_output_identical(deep, expected, mode):
     with deep.engine(preemption_mode=mode, max_num_batched_tokens=64) as engine:
         offline_out, online_out, arrivals = run_mixed(engine, at_layers=[2, 4, 1, 5])
         stats = engine.stats()
     assert [o.token_ids for o in offline_out] == [expected[tuple(p)] for p in OFFLINE_PROMPTS]
     assert [o.token_ids for o in online_out] == [expected[tuple(p)] for p in ONLINE_PROMPTS[:len(online_out)]]
-    # Both modes stop every step with offline work, those beside online decodes included ("discard"
-    # finishes their online rows alone), so every planned arrival happens.
+    # Every mode stops every step with offline work, those beside online decodes included ("discard"
+    # finishes their online rows alone, "drop" runs them again), so every planned arrival happens.
     assert len(online_out) == len(ONLINE_PROMPTS)
     assert stats.layer_yields == len(online_out)
-    assert (stats.discarded_tokens > 0) == (mode == "discard")
+    assert (stats.discarded_tokens > 0) == (mode != "park")
     assert engine.pool.num_free == engine.pool.num_blocks
 
 
@@ -117,6 +118,35 @@ def test_discard_finishes_the_online_rows_of_a_step_it_stops(deep, expected):
     for planned, kept in sheds:
         assert False in planned and True in planned
         assert kept == [True] * planned.count(True)
+    assert engine.pool.num_free == engine.pool.num_blocks
+
+
+def test_drop_runs_the_online_rows_of_a_step_it_stops_again(deep, expected):
+    """"drop" throws a stopped step away whole, online decodes included: nothing is shed, the decodes run
+    again in the next step beside the arrival, and every output is still transformers' greedy one."""
+    with deep.engine(preemption_mode="drop", max_num_batched_tokens=64) as engine:
+        stopped = []
+        execute = engine.runner.execute
+
+        def recording_execute(chunks, safepoint=None):
+            result = execute(chunks, safepoint)
+            if isinstance(result, ParkedStep):
+                stopped.append([(c.request.online, c.num_tokens) for c in chunks])
+            return result
+
+        def no_shed(parked, keep):
+            raise AssertionError("drop mode shed a stopped step")
+
+        engine.runner.execute = recording_execute
+        engine.runner.shed = no_shed
+        offline_out, online_out, arrivals = run_mixed(engine, at_layers=[2, 4, 1, 5])
+        stats = engine.stats()
+    assert [o.token_ids for o in offline_out] == [expected[tuple(p)] for p in OFFLINE_PROMPTS]
+    assert [o.token_ids for o in online_out] == [expected[tuple(p)] for p in ONLINE_PROMPTS]
+    assert any({online for online, _ in planned} == {True, False} for planned in stopped), \
+        "no step mixing online decodes with offline work was stopped"
+    # Every token of every stopped step was thrown away, online rows included.
+    assert stats.discarded_tokens == sum(n for planned in stopped for _, n in planned)
     assert engine.pool.num_free == engine.pool.num_blocks
 
 

@@ -116,7 +116,7 @@ class ArrivalsInGraphedSteps:
         return self._original(layer)
 
 
-@pytest.mark.parametrize("mode", ["park", "discard"])
+@pytest.mark.parametrize("mode", ["park", "discard", "drop"])
 def test_a_graphed_step_yields_at_a_layer_and_every_output_stays_exact(deep, mode):
     offline = [prompt_of(n, seed=400 + i) for i, n in enumerate([12, 30, 7])]
     with deep.engine(decode_graphs="on", preemption_mode=mode) as engine:
