@@ -102,8 +102,9 @@ class TorchAttentionBackend(AttentionBackend):
 
     Decodes and short prefill chunks use batched matmuls laid out kv-head-major, [kv_heads, seqs,
     rows, d], with the `group` query heads that share a KV head folded into the rows: no KV head is
-    ever repeated, and gathered context is used as it comes out of the cache. On CPU these measured
-    2-3x faster than scaled_dot_product_attention, whose flash kernel is slow for few query rows.
+    ever repeated, and gathered context is used as it comes out of the cache. On CPUs without AMX these
+    measured 2-3x faster than scaled_dot_product_attention, whose flash kernel is slow for few query
+    rows there; with AMX bfloat16 decodes over the decode mirror take the kernel (sdpa_decode_dtypes).
     Long first chunks (no cached context) go to scaled_dot_product_attention, whose causal flash
     kernel skips the masked half; on the CPU every prefill chunk does in float32, and in bfloat16 where
     the CPU has AMX (sdpa_prefill_dtypes)."""
@@ -114,8 +115,8 @@ class TorchAttentionBackend(AttentionBackend):
     # sdpa_prefill_dtypes, where all do). Measured as whole steps on 2 cores (Zen 4, SmolLM2, bf16):
     # one 2,048-token prompt 2.53 s against 2.67 s with the matmuls, but 1,024 tokens 1.01 s against
     # 0.98 s and 512 tokens 0.47 s against 0.40 s. Chunks with cached context take the matmuls there:
-    # the kernel has to apply an explicit mask, and measured slower at every size (512 new tokens over 1,000 cached: 0.82 s against 0.59 s; 2,048
-    # over 2,048: 5.5 s against 4.2 s).
+    # the kernel has to apply an explicit mask, and measured slower at every size (512 new tokens over
+    # 1,000 cached: 0.82 s against 0.59 s; 2,048 over 2,048: 5.5 s against 4.2 s).
     sdpa_min_chunk = 1536
     # Dtypes whose prefill chunks on the CPU all go to scaled_dot_product_attention, whatever their length:
     # first chunks with is_causal, chunks over cached context with the step's mask (see

@@ -14,6 +14,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # How a step stopped at a safepoint ends (EngineConfig.preemption_mode).
 PREEMPTION_MODES = ("discard", "drop", "park")
 
+
 @dataclass
 class EngineConfig:
     model: str | Path | None = None    # HF directory or .gguf file; None is the bundled SmolLM2
