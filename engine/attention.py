@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from engine.config import cpu_has_amx
 from engine.decode_mirror import MirrorPlan
 
 
@@ -61,10 +62,6 @@ class AttentionBackend(ABC):
         """Which kernels serve which steps on `device` in `dtype`: part of what a step-latency profile
         depends on (a profile taken with other kernels mispredicts)."""
         return type(self).__name__
-
-
-def cpu_has_amx() -> bool:
-    return getattr(getattr(torch, "cpu", None), "_is_amx_tile_supported", lambda: False)()
 
 
 def cpu_sdpa_prefill_dtypes() -> tuple[torch.dtype, ...]:

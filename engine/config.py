@@ -133,6 +133,13 @@ def auto_dtype_name(device: str) -> str:
 
 
 def cpu_has_native_bfloat16() -> bool:
-    cpu = getattr(torch, "cpu", None)
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(cpu, name, lambda: False)() for name in checks)
+    return _cpu_has("_is_avx512_bf16_supported") or cpu_has_amx()
+
+
+def cpu_has_amx() -> bool:
+    return _cpu_has("_is_amx_tile_supported")
+
+
+def _cpu_has(check: str) -> bool:
+    """torch.cpu's private feature check of that name; False on a torch without it."""
+    return getattr(getattr(torch, "cpu", None), check, lambda: False)()

@@ -260,7 +260,6 @@ def load_or_profile(cache_dir: str | Path | None, key: str,
         log.warning("steps run at another speed than when the cached step-latency profile %s was taken "
                     "(taken while something else ran, or on another machine); profiling again", path)
     model, samples = profile()
-    check_seconds = check() if check is not None else None
     error = model.mean_relative_error(samples)
     if error > MAX_CACHED_FIT_ERROR:
         log.warning("step-latency profile fits its samples to %.0f%% only (busy machine?); using it without "
@@ -269,6 +268,7 @@ def load_or_profile(cache_dir: str | Path | None, key: str,
             with contextlib.suppress(OSError):
                 path.unlink(missing_ok=True)
         return model
+    check_seconds = check() if check is not None else None  # right after profiling, for later starts
     try:
         directory.mkdir(parents=True, exist_ok=True)
         # Written whole, then renamed over: a reader (another engine starting) never sees half a file.
