@@ -89,7 +89,9 @@ def cpu_sdpa_decode_dtypes() -> tuple[torch.dtype, ...]:
     rather than the batched matmuls: bfloat16 where the CPU has AMX. Measured on a 2-core Xeon (SmolLM2,
     64 sequences decoding 128 tokens from 128, builds alternating four times each): a decode step's
     median 66.5-68.6 against 70.5-71.2 ms, the 128 steps 8.7-9.0 against 9.2-9.7 s. Elsewhere the
-    matmuls stay: on CPUs without AMX they measured 2-3x faster than the kernel for few query rows."""
+    matmuls stay: on CPUs without AMX they measured 2-3x faster than the kernel for few query rows, and
+    float32 decodes on the kernel lost whole runs on an AVX2 EPYC (throughput.py's workload, engine
+    alone, alternating: 145-147 against 159-163 tok/s)."""
     return (torch.bfloat16,) if cpu_has_amx() else ()
 
 
