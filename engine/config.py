@@ -51,7 +51,8 @@ class EngineConfig:
     # Host KV checkpoint store; default: twice the device pool, at most 40% of RAM split between the
     # GPUs this process sees; 0 = off.
     checkpoint_bytes: int | None = None
-    online_reserve_fraction: float = 0.1  # share of KV blocks offline admission leaves free for online bursts
+    # Share of the KV blocks and of the max_num_seqs seats that offline admission leaves free for online bursts.
+    online_reserve_fraction: float = 0.1
     profile_cache_dir: str | Path | None = None  # cached step-latency profiles; default ~/.cache/conserve/profiles
     profile_seconds: float = 5.0       # time spent profiling step latency when no cached profile fits
 

@@ -170,7 +170,8 @@ class Engine:
         self.scheduler = Scheduler(SchedulerConfig(
             config.max_num_seqs, config.max_num_batched_tokens, config.enable_chunked_prefill, self.policy,
             config.offline_max_batched_tokens, config.slo_tpot_ms / 1000,
-            int(config.online_reserve_fraction * num_blocks)), self.pool, cost_model, self.checkpointer)
+            int(config.online_reserve_fraction * num_blocks),
+            int(config.online_reserve_fraction * config.max_num_seqs)), self.pool, cost_model, self.checkpointer)
         self._stats = EngineStats(num_free_blocks=num_blocks, num_total_blocks=num_blocks)
         self._started = time.monotonic()
 

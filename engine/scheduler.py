@@ -4,12 +4,12 @@ Following vLLM v1, there are no prefill or decode phases: a request's num_comput
 with its length one scheduled chunk at a time, so a step mixes decodes and prefill chunks freely.
 
 Policies (engine/policy.py): `fcfs` keeps one queue in arrival order. The class-aware policies schedule
-running online requests, then waiting online ones, then offline work; when blocks run out, offline
-requests are evicted first. `conserve` adds the SLO-aware token budget: while online requests are in
+running online requests, then waiting online ones, then offline work; when blocks or running seats
+(max_num_seqs) run out, offline requests are evicted first. `conserve` adds the SLO-aware token budget: while online requests are in
 flight, offline tokens only fill a step up to the predicted time the TPOT SLO allows (none at all beside
-an online prefill chunk, whose first token waits on the step), a share of the pool stays free for online
-bursts, evictions pick the request with the least KV not yet checkpointed, and evicted requests come
-back from their host checkpoint instead of recomputing."""
+an online prefill chunk, whose first token waits on the step), a share of the pool and of the running
+seats stays free for online bursts, evictions pick the request with the least KV not yet checkpointed,
+and evicted requests come back from their host checkpoint instead of recomputing."""
 from __future__ import annotations
 
 from collections import deque
@@ -51,6 +51,7 @@ class SchedulerConfig:
     offline_max_batched_tokens: int | None = None  # budget of steps without online work (conserve)
     slo_tpot_s: float = 0.1
     online_reserve_blocks: int = 0      # free blocks offline admission leaves for online bursts (conserve)
+    online_reserve_seats: int = 0       # running seats (of max_num_seqs) offline admission leaves (conserve)
 
 
 @dataclass
@@ -184,19 +185,27 @@ class Scheduler:
             step.add(req, n)
 
     def _admit(self, step: "_StepPlan", queue: deque[Request], busy: frozenset[str]) -> None:
-        while queue and step.budget > 0 and len(self.running) < self.config.max_num_seqs:
+        while queue and step.budget > 0:
             req = queue[0]
             offline = self.policy.knows_classes and not req.online
+            harvesting = offline and self.policy.harvests
+            seats = self.config.max_num_seqs - (self.config.online_reserve_seats if harvesting else 0)
+            if offline and len(self.running) >= seats:
+                return
             restorable = self.checkpoints.restorable(req) if self.checkpoints is not None else 0
             start = max(req.num_computed_tokens, restorable)
             n = step.chunk(req, self._chunk_size(req, start, step.budget), start)
             if n == 0:
                 return
             needed = self.pool.blocks_for(start + n) - len(req.block_ids)
-            reserve = self.config.online_reserve_blocks if offline and self.policy.harvests else 0
-            if needed + reserve > self.pool.num_free:
-                # Online requests may evict offline ones to get in; nothing else evicts to be admitted.
-                if offline or not self.policy.knows_classes or not self._evict_offline_for(needed, step, busy):
+            reserve = self.config.online_reserve_blocks if harvesting else 0
+            no_seat = len(self.running) >= self.config.max_num_seqs
+            if no_seat or needed + reserve > self.pool.num_free:
+                # Online requests may evict offline ones to get in, for a seat as for memory (measured
+                # on an H200: offline requests held all 128 seats and online arrivals ran one at a
+                # time, 3-5 s TTFT); nothing else evicts to be admitted.
+                if offline or not self.policy.knows_classes or not self._evict_offline_for(
+                        needed, step, busy, seat=no_seat):
                     return
             queue.popleft()
             req.block_ids.extend(self.pool.allocate(needed))
@@ -245,12 +254,13 @@ class Scheduler:
         req.block_ids.extend(self.pool.allocate(needed))
         return True
 
-    def _evict_offline_for(self, needed: int, step: "_StepPlan", busy: frozenset[str]) -> bool:
-        """Evict offline requests until `needed` blocks are free; False (evicting nothing) if they cannot."""
+    def _evict_offline_for(self, needed: int, step: "_StepPlan", busy: frozenset[str], seat: bool = False) -> bool:
+        """Evict offline requests until `needed` blocks are free, and at least one if a seat is needed
+        too; False (evicting nothing) if they cannot."""
         victims = self._offline_victims(step, busy)
-        if sum(len(r.block_ids) for r in victims) + self.pool.num_free < needed:
+        if (seat and not victims) or sum(len(r.block_ids) for r in victims) + self.pool.num_free < needed:
             return False
-        while needed > self.pool.num_free:
+        while needed > self.pool.num_free or (seat and len(self.running) >= self.config.max_num_seqs):
             victim = victims.pop(0)
             self.preempt(victim)
             step.out.preempted.append(victim)

@@ -135,3 +135,36 @@ def test_offline_requests_with_deadlines_wait_earliest_deadline_first():
     # One 8-token prompt fits a step: admission order is the queue order.
     assert [r.request_id for r in s.waiting] == ["soon", "soon2", "middle", "late", "none"]
     assert chunks(step(s)) == [("soon", 8)]
+
+
+def test_online_arrival_takes_a_seat_from_offline_work_when_every_seat_is_taken():
+    # Measured on an H200: offline requests held all max_num_seqs seats, and online arrivals waited
+    # for each other to finish (3-5 s TTFT) while memory was plentiful.
+    for policy in ("priority", "conserve"):
+        s = Scheduler(SchedulerConfig(2, 64, True, Policy(policy)), BlockPool(64, 4), COST)
+        a, b = request("a", 8, "offline", max_tokens=100), request("b", 8, "offline", max_tokens=100)
+        s.add(a), s.add(b)
+        step(s)
+        s.add(request("on", 6, "online"))
+        out = step(s)
+        assert ("on", 6) in chunks(out), policy
+        assert len(out.preempted) == 1 and len(s.running) == 2, policy
+
+
+def test_fcfs_evicts_nobody_for_a_seat():
+    s = Scheduler(SchedulerConfig(2, 64, True, Policy.FCFS), BlockPool(64, 4), COST)
+    s.add(request("a", 8, "offline", max_tokens=100)), s.add(request("b", 8, "offline", max_tokens=100))
+    step(s)
+    s.add(request("on", 6, "online"))
+    out = step(s)
+    assert chunks(out) == [("a", 1), ("b", 1)] and out.preempted == []
+
+
+def test_conserve_offline_admission_leaves_the_online_seats_free():
+    s = Scheduler(SchedulerConfig(4, 64, True, Policy.CONSERVE, online_reserve_seats=1), BlockPool(64, 4), COST)
+    for name in "abcd":
+        s.add(request(name, 8, "offline", max_tokens=100))
+    assert chunks(step(s)) == [("a", 8), ("b", 8), ("c", 8)]
+    s.add(request("on", 6, "online"))
+    out = step(s)
+    assert chunks(out)[0] == ("on", 6) and out.preempted == []
