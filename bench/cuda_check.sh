@@ -1,12 +1,12 @@
 #!/bin/bash
 # The engine's CUDA path in one go, for a CUDA machine (CI has none): the engine test suite on the GPU,
 # how busy the GPU is and the throughput against transformers, each with the decode CUDA graphs on and
-# off, and the co-serving benchmark, all on a random-weight twin of the bundled model unless MODEL
-# names a real one. Logs and JSON go to OUT (default ./cuda-check). Runs with the python on PATH
+# off, how well the step-latency model fits, and the co-serving benchmark, all on a random-weight twin
+# of the bundled model unless MODEL names a real one. Logs and JSON go to OUT (default ./cuda-check). Runs with the python on PATH
 # (PY=...), which must hold a CUDA torch and this project's engine dependencies (torch, transformers,
 # safetensors, gguf, numpy, jinja2, pytest, matplotlib).
 #
-#   bash bench/cuda_check.sh                 # about 8 minutes on an H200
+#   bash bench/cuda_check.sh                 # about 8.5 minutes on an H200
 #   DURATION=60 OUT=/tmp/cc bash bench/cuda_check.sh
 set -u
 cd "$(dirname "$0")/.."
@@ -55,6 +55,11 @@ step "throughput, engine without decode graphs"
 (cd bench && timeout 120 $PY throughput.py --device $DEVICE --model "$MODEL" --repeats 3 --skip-transformers \
   --decode-graphs off --json "$OUT/throughput_cuda_eager.json" > "$OUT/throughput_cuda_eager.log" 2>&1)
 echo "throughput exit $?"; grep -E "tok/s|x$" "$OUT/throughput_cuda_eager.log"
+
+step "cost model fit"
+timeout 120 $PY bench/cost_model_fit.py --device $DEVICE --model "$MODEL" --max-batched-tokens 4096 \
+  --json "$OUT/cost_model_fit.json" > "$OUT/cost_model_fit.log" 2>&1
+echo "cost_model_fit exit $?"; tail -6 "$OUT/cost_model_fit.log"
 
 step "engine tests on $DEVICE"
 CONSERVE_TEST_DEVICE=$DEVICE timeout 300 $PY -m pytest tests/engine -q -m "not bundled" --tb=short -rf -o timeout=60 \

@@ -81,12 +81,17 @@ class CostModel:
                 + self.per_seq * seqs + self.per_prefill_step * prefill + self.per_step)
 
     @classmethod
-    def fit(cls, samples: Sequence[Sample]) -> "CostModel":
+    def fit(cls, samples: Sequence[Sample], exclude: Sequence[str] = ()) -> "CostModel":
         """Least squares in relative error, with every coefficient non-negative: a negative cost would
-        let the scheduler buy time by adding work."""
+        let the scheduler buy time by adding work. Coefficients named in exclude stay zero (to measure
+        what a term is worth: bench/cost_model_fit.py)."""
         if not samples:
             raise ValueError("fitting a cost model needs at least one sample")
+        names = [f.name for f in fields(cls)]
+        if unknown := set(exclude) - set(names):
+            raise ValueError(f"unknown cost model coefficients {sorted(unknown)}")
         x = np.array([(*features(chunks), 1) for chunks, _ in samples], dtype=np.float64)
+        x[:, [names.index(name) for name in exclude]] = 0.0  # a zero column gets a zero coefficient
         t = np.array([seconds for _, seconds in samples], dtype=np.float64)
         if not (t > 0).all():
             raise ValueError("step times must be positive")

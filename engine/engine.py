@@ -105,7 +105,6 @@ class Engine:
         # Set by submit() when online work arrives; a step carrying offline work yields at its next safepoint.
         self._online_arrived = False
         self._parked: ParkedStep | None = None
-        self.checkpointer: Checkpointer | None = None
         self._ready = threading.Event()
         self._load_error: BaseException | None = None
         # Loading runs on the engine thread too: once a thread has run parallel torch ops, its OpenMP
@@ -152,6 +151,7 @@ class Engine:
         self.policy = Policy.parse(config.policy)
         cost_model = None
         self.profile_key: str | None = None  # what the step-latency profile is cached under (conserve only)
+        self.checkpointer: Checkpointer | None = None  # the host KV store's copier (conserve only)
         if self.policy.harvests:
             cost_model = self._cost_model(loaded, dtype)
             store_bytes = config.checkpoint_bytes

@@ -276,3 +276,29 @@ def test_a_parked_step_holding_the_blocks_an_arrival_needs_is_dropped_for_it(dee
     assert stats.discarded_tokens == 200 and stats.layer_yields >= 1 and stats.num_preemptions >= 1
     assert online.token_ids == deep.reference_greedy(prompt_of(20, seed=7), NEW_TOKENS)
     assert [o.token_ids for o in outputs] == [deep.reference_greedy(p, NEW_TOKENS) for p in prompts]
+
+
+@pytest.mark.parametrize("policy", ["priority", "conserve"])
+def test_an_online_arrival_gets_a_seat_when_offline_work_holds_every_one(deep, policy):
+    """max_num_seqs offline requests running with memory to spare: an online arrival takes a seat from
+    one of them instead of waiting for one to finish (on an H200 online requests had run one at a
+    time behind 128 offline ones), and every output is still transformers' greedy one."""
+    prompts, params = OFFLINE_PROMPTS[:3], SamplingParams(max_tokens=60, temperature=0.0, ignore_eos=True)
+    with deep.engine(policy=policy, max_num_seqs=3, num_kv_blocks=128) as engine:
+        finished = []
+        original_finish = engine._finish
+
+        def record_finish(request_id, *args, **kwargs):
+            finished.append(request_id)
+            return original_finish(request_id, *args, **kwargs)
+
+        engine._finish = record_finish
+        arrivals = ArrivalsBetweenSteps(engine, at_rounds=[5])
+        offline = [engine.submit(p, params, "offline") for p in prompts]
+        offline_out = [s.final() for s in offline]
+        online_out = arrivals.streams[0].final()
+        stats = engine.stats()
+        assert engine.pool.num_free == engine.pool.num_blocks
+    assert finished[0] == online_out.request_id and stats.num_preemptions >= 1
+    assert online_out.token_ids == deep.reference_greedy(ONLINE_PROMPTS[0], NEW_TOKENS)
+    assert [o.token_ids for o in offline_out] == [deep.reference_greedy(p, 60) for p in prompts]

@@ -102,6 +102,17 @@ def test_fit_never_returns_a_negative_coefficient_and_is_the_best_non_negative_f
     assert np.abs(gradient[values > 0]).max() < 1e-9
 
 
+def test_fit_can_leave_a_term_out():
+    truth = CostModel(per_token=2.5e-4, per_seq=1.3e-4, per_prefill_step=4e-3, per_step=1.2e-2)
+    samples = [(step, truth.predict(step)) for step in random_steps(random.Random(2), 60)]
+    without = CostModel.fit(samples, exclude=["per_prefill_step"])
+    assert without.per_prefill_step == 0.0 and without.per_step > 0
+    # Without the term the others cannot explain the samples exactly; with it they can.
+    assert without.mean_relative_error(samples) > 1e-3 > 1e-9 > CostModel.fit(samples).mean_relative_error(samples)
+    with pytest.raises(ValueError, match="per_prefil"):
+        CostModel.fit(samples, exclude=["per_prefil"])
+
+
 def test_predict_counts_decodes_at_the_longest_decode_context():
     """The runner pads a decode batch to its longest context, so one long decode costs the batch."""
     model = CostModel(per_context=1.0)
