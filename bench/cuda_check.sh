@@ -2,9 +2,9 @@
 # The engine's CUDA path in one go, for a CUDA machine (CI has none): the engine test suite on the GPU,
 # how busy the GPU is and the throughput against transformers, each with the decode CUDA graphs on and
 # off, how well the step-latency model fits, and the co-serving benchmark, all on a random-weight twin
-# of the bundled model unless MODEL names a real one. Logs and JSON go to OUT (default ./cuda-check). Runs with the python on PATH
-# (PY=...), which must hold a CUDA torch and this project's engine dependencies (torch, transformers,
-# safetensors, gguf, numpy, jinja2, pytest, matplotlib).
+# of the bundled model unless MODEL names a real one. Logs and JSON go to OUT (default ./cuda-check).
+# Runs with the python on PATH (PY=...), which must hold a CUDA torch and this project's engine
+# dependencies (torch, transformers, safetensors, gguf, numpy, jinja2, pytest, matplotlib).
 #
 #   bash bench/cuda_check.sh                 # about 8.5 minutes on an H200
 #   DURATION=60 OUT=/tmp/cc bash bench/cuda_check.sh

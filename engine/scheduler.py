@@ -5,11 +5,12 @@ with its length one scheduled chunk at a time, so a step mixes decodes and prefi
 
 Policies (engine/policy.py): `fcfs` keeps one queue in arrival order. The class-aware policies schedule
 running online requests, then waiting online ones, then offline work; when blocks or running seats
-(max_num_seqs) run out, offline requests are evicted first. `conserve` adds the SLO-aware token budget: while online requests are in
-flight, offline tokens only fill a step up to the predicted time the TPOT SLO allows (none at all beside
-an online prefill chunk, whose first token waits on the step), a share of the pool and of the running
-seats stays free for online bursts, evictions pick the request with the least KV not yet checkpointed,
-and evicted requests come back from their host checkpoint instead of recomputing."""
+(max_num_seqs) run out, offline requests are evicted first. `conserve` adds the SLO-aware token budget:
+while online requests are in flight, offline tokens only fill a step up to the predicted time the TPOT
+SLO allows (none at all beside an online prefill chunk, whose first token waits on the step), a share of
+the pool and of the running seats stays free for online bursts, evictions pick the request with the
+least KV not yet checkpointed, and evicted requests come back from their host checkpoint instead of
+recomputing."""
 from __future__ import annotations
 
 from collections import deque
@@ -254,7 +255,8 @@ class Scheduler:
         req.block_ids.extend(self.pool.allocate(needed))
         return True
 
-    def _evict_offline_for(self, needed: int, step: "_StepPlan", busy: frozenset[str], seat: bool = False) -> bool:
+    def _evict_offline_for(self, needed: int, step: "_StepPlan", busy: frozenset[str],
+                           seat: bool = False) -> bool:
         """Evict offline requests until `needed` blocks are free, and at least one if a seat is needed
         too; False (evicting nothing) if they cannot."""
         victims = self._offline_victims(step, busy)
