@@ -8,11 +8,13 @@
 #
 #   bash bench/cuda_check.sh                 # about 8.5 minutes on an H200
 #   DURATION=60 OUT=/tmp/cc bash bench/cuda_check.sh
+#   COSERVE_ARGS="--slo-ttft-ms 300 --slo-tpot-ms 30" bash bench/cuda_check.sh   # SLOs set, not derived
 set -u
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
 OUT=${OUT:-cuda-check}; mkdir -p "$OUT"; OUT=$(cd "$OUT" && pwd)
 DURATION=${DURATION:-20}
+COSERVE_ARGS=${COSERVE_ARGS:-}   # more coserve.py options (word-split), e.g. SLOs or --policies
 DEVICE=${DEVICE:-cuda}   # DEVICE=cpu walks the same steps on the CPU (to try the script out)
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 step() { echo "== $1 ($(date +%T))"; }
@@ -70,6 +72,6 @@ echo "pytest exit $?"; tail -8 "$OUT/pytest_cuda.log"
 step "co-serving, ${DURATION} s per policy"
 (cd bench && timeout $((DURATION * 8 + 300)) $PY coserve.py --device $DEVICE --model "$MODEL" --duration "$DURATION" \
   --drain 4 --offline-requests $((DURATION * 200)) --kv-blocks 2048 --max-batched-tokens 4096 \
-  --offline-max-batched-tokens 4096 --json "$OUT/coserve_cuda.json" > "$OUT/coserve_cuda.log" 2>&1)
+  --offline-max-batched-tokens 4096 $COSERVE_ARGS --json "$OUT/coserve_cuda.json" > "$OUT/coserve_cuda.log" 2>&1)
 echo "coserve exit $?"; sed -n '/targets (issue 3)/,$p' "$OUT/coserve_cuda.log"
 step done
