@@ -34,6 +34,7 @@ from coserve_workload import (Lengths, OnlineRecord, RequestSpec, Workload, buil
                               summarise_online, text_token_ids)
 from coserve_report import plot_results, print_table, ratios
 from coserve_rounds import merge_rounds
+from coserve_steps import describe, summarise_steps, window_steps
 from throughput import cpu_by_process, others_cpu_seconds
 
 POLICIES = ("online-only", "fcfs", "priority", "conserve")
@@ -76,6 +77,9 @@ def main() -> int:
     for policy in args.policies:
         result["policies"][policy] = (runs[policy][0] if args.rounds == 1 else
                                       merge_rounds(runs[policy], WINDOW_COUNTERS, args.duration + args.drain))
+        if args.rounds > 1 and "step_trace" in result["policies"][policy]:
+            result["policies"][policy]["step_summary"] = summarise_steps(
+                result["policies"][policy]["step_trace"], args.slo_tpot_ms / 1000)
     if not args.skip_dedicated:
         # The best of --dedicated-runs runs under each --dedicated-policy: noise only ever slows a run
         # down (two runs of one configuration on an idle machine gave 874 and 1,062 offline tok/s), and
@@ -151,11 +155,16 @@ def _parse_args() -> argparse.Namespace:
                         "AVX-512 BF16 or AMX), else float32")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
     p.add_argument("--model", help="HF directory or .gguf file (default: the bundled SmolLM2 GGUF)")
+    p.add_argument("--step-trace", type=int, default=0, metavar="N",
+                   help="record each engine's last N steps (shape, seconds, prediction) and add the window's "
+                        "to the JSON as step_trace, with a step_summary (default 0: off)")
     args = p.parse_args()
     if args.duration <= 0 or args.drain < 0 or args.burstiness <= 0 or not 0 < args.online_load:
         p.error("--duration, --burstiness and --online-load must be > 0, --drain >= 0")
     if args.dedicated_runs < 1 or args.rounds < 1:
         p.error("--dedicated-runs and --rounds must be >= 1")
+    if args.step_trace < 0:
+        p.error("--step-trace must be >= 0")
     if args.calibration_requests < 1 and not _calibration_skipped(args):
         p.error("--calibration-requests must be >= 1")
     if args.dtype == "auto":  # resolved once here, so every system and every run uses the same dtype
@@ -272,7 +281,8 @@ def engine_config(policy: str, args: argparse.Namespace):
     return EngineConfig(model=args.model, dtype=args.dtype, device=args.device, policy=policy, **slos,
                         num_kv_blocks=args.kv_blocks, block_size=16, max_num_batched_tokens=args.max_batched_tokens,
                         offline_max_batched_tokens=args.offline_max_batched_tokens,
-                        preemption_mode=args.preemption_mode, checkpoint_bytes=args.checkpoint_bytes)
+                        preemption_mode=args.preemption_mode, checkpoint_bytes=args.checkpoint_bytes,
+                        step_trace=args.step_trace)
 
 
 def start_engine(policy: str, args: argparse.Namespace):
@@ -395,6 +405,11 @@ def measure(engine, policy: str, workload: Workload, args: argparse.Namespace) -
         if others / (t1 - t0) > 0.1:
             print(f"[{policy}] WARNING: other processes kept {others / (t1 - t0):.2f} cores busy", file=sys.stderr)
     figures["timeline"] = samples
+    if args.step_trace:
+        steps = window_steps(engine.step_trace(), t0 - before.uptime_seconds, t0, ended)
+        figures["step_summary"] = summarise_steps(steps, args.slo_tpot_ms / 1000)
+        figures["step_trace"] = steps
+        print(f"[{policy}] {describe(figures['step_summary'])}", file=sys.stderr)
     print(f"[{policy}] online {figures['online_completed']}/{figures['online_arrived']} completed, "
           f"offline {figures['offline_tok_s']:.0f} tok/s, busy {figures['busy_fraction']:.2f}", file=sys.stderr)
     return figures

@@ -46,6 +46,9 @@ def merge_rounds(runs: list[dict], counters: tuple[str, ...], round_span_s: floa
     out["timeline"] = [{**_shifted(sample, i * round_span_s, ("t",)), "round": i + 1}
                        for i, r in good for sample in r["timeline"]]
     out["rounds"] = [{"round": i + 1, **{k: r.get(k) for k in PER_ROUND}} for i, r in good]
+    if all("step_trace" in r for _, r in good):  # --step-trace; the caller summarises the pooled steps
+        out["step_trace"] = [{**_shifted(step, i * round_span_s, ("at_s",)), "round": i + 1}
+                             for i, r in good for step in r["step_trace"]]
     failed = [{"round": i + 1, "error": r["error"]} for i, r in enumerate(runs) if "error" in r]
     if failed:
         out["failed_rounds"] = failed

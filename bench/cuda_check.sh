@@ -72,6 +72,8 @@ echo "pytest exit $?"; tail -8 "$OUT/pytest_cuda.log"
 step "co-serving, ${DURATION} s per policy"
 (cd bench && timeout $((DURATION * 8 + 300)) $PY coserve.py --device $DEVICE --model "$MODEL" --duration "$DURATION" \
   --drain 4 --offline-requests $((DURATION * 200)) --kv-blocks 2048 --max-batched-tokens 4096 \
-  --offline-max-batched-tokens 4096 $COSERVE_ARGS --json "$OUT/coserve_cuda.json" > "$OUT/coserve_cuda.log" 2>&1)
-echo "coserve exit $?"; sed -n '/targets (issue 3)/,$p' "$OUT/coserve_cuda.log"
+  --offline-max-batched-tokens 4096 --step-trace 50000 $COSERVE_ARGS --json "$OUT/coserve_cuda.json" \
+  > "$OUT/coserve_cuda.log" 2>&1)
+echo "coserve exit $?"; grep "sized to the TPOT SLO" "$OUT/coserve_cuda.log"
+sed -n '/targets (issue 3)/,$p' "$OUT/coserve_cuda.log"
 step done

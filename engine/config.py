@@ -55,6 +55,7 @@ class EngineConfig:
     online_reserve_fraction: float = 0.1
     profile_cache_dir: str | Path | None = None  # cached step-latency profiles; default ~/.cache/conserve/profiles
     profile_seconds: float = 5.0       # time spent profiling step latency when no cached profile fits
+    step_trace: int = 0                # keep the last N steps' shapes and times (Engine.step_trace()); 0 = off
 
     def validate(self) -> None:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "num_kv_blocks", "kv_cache_bytes",
@@ -91,6 +92,8 @@ class EngineConfig:
                 f"decode_mirror_bytes must be a non-negative integer, got {self.decode_mirror_bytes!r}")
         if self.checkpoint_bytes is not None and (not isinstance(self.checkpoint_bytes, int) or self.checkpoint_bytes < 0):
             raise InvalidRequestError(f"checkpoint_bytes must be a non-negative integer, got {self.checkpoint_bytes!r}")
+        if not isinstance(self.step_trace, int) or isinstance(self.step_trace, bool) or self.step_trace < 0:
+            raise InvalidRequestError(f"step_trace must be a non-negative integer, got {self.step_trace!r}")
         if not 0.0 <= self.online_reserve_fraction < 1.0:
             raise InvalidRequestError(
                 f"online_reserve_fraction must be in [0, 1), got {self.online_reserve_fraction!r}")

@@ -30,6 +30,7 @@ from engine.prompt import Prompt, prompt_token_ids
 from engine.request import Request, RequestClass
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledChunk, Scheduler, SchedulerConfig
+from engine.step_trace import StepRecord, StepTrace
 
 log = logging.getLogger(__name__)
 
@@ -173,6 +174,7 @@ class Engine:
             int(config.online_reserve_fraction * num_blocks),
             int(config.online_reserve_fraction * config.max_num_seqs)), self.pool, cost_model, self.checkpointer)
         self._stats = EngineStats(num_free_blocks=num_blocks, num_total_blocks=num_blocks)
+        self._trace = StepTrace(config.step_trace) if config.step_trace else None
         self._started = time.monotonic()
 
     def _decode_mirror(self, mc, num_blocks: int, dtype: torch.dtype) -> DecodeMirror | None:
@@ -279,6 +281,12 @@ class Engine:
             s = EngineStats(**{k: (dict(v) if isinstance(v, dict) else v) for k, v in vars(self._stats).items()})
         s.uptime_seconds = time.monotonic() - self._started
         return s
+
+    def step_trace(self) -> list[StepRecord]:
+        """The last EngineConfig.step_trace steps, oldest first (empty when the trace is off). In
+        preemption_mode "park" the steps that finish a parked step, and those run before it, are not
+        recorded."""
+        return self._trace.records() if self._trace is not None else []
 
     def shutdown(self) -> None:
         with self._wake:
@@ -403,10 +411,17 @@ class Engine:
         if not sched.chunks:
             return False
         safepoint = self._safepoint if self.policy.harvests and sched.has_offline else None
+        time_scale = self.scheduler.time_scale
         committed = self._run_step(sched.chunks, lambda: self.runner.execute(sched.chunks, safepoint),
                                    sched.restored_tokens)
+        seconds = time.monotonic() - planned
         if committed and sched.predicted_s is not None:
-            self.scheduler.observe(sched.predicted_s, time.monotonic() - planned)
+            self.scheduler.observe(sched.predicted_s, seconds)
+        if self._trace is not None:
+            online = sum(c.num_tokens for c in sched.chunks if c.request.online)
+            decodes = sum(c.num_tokens == 1 for c in sched.chunks)
+            self._trace.append(StepRecord(planned - self._started, seconds, len(sched.chunks), decodes, online,
+                                          sched.num_tokens - online, sched.predicted_s, time_scale, committed))
         return True
 
     def _safepoint(self, layer: int) -> bool:

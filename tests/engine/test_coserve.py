@@ -302,3 +302,35 @@ def test_an_online_arrival_gets_a_seat_when_offline_work_holds_every_one(deep, p
     assert finished[0] == online_out.request_id and stats.num_preemptions >= 1
     assert online_out.token_ids == deep.reference_greedy(ONLINE_PROMPTS[0], NEW_TOKENS)
     assert [o.token_ids for o in offline_out] == [deep.reference_greedy(p, 60) for p in prompts]
+
+
+def test_the_step_trace_records_every_steps_shape_and_what_the_scheduler_predicted(deep):
+    prompts = OFFLINE_PROMPTS[:2]
+    with deep.engine(step_trace=1000, num_kv_blocks=128) as engine:
+        arrivals = ArrivalsBetweenSteps(engine, at_rounds=[2])
+        offline = [s.final() for s in [engine.submit(p, GREEDY, "offline") for p in prompts]]
+        online = arrivals.streams[0].final()
+        trace, stats = engine.step_trace(), engine.stats()
+    committed = [r for r in trace if r.committed]
+    assert len(committed) == stats.num_steps
+    # Every token computed once (no eviction here): prompt and output, less the last sampled token.
+    assert sum(r.online_tokens for r in committed) == len(ONLINE_PROMPTS[0]) + NEW_TOKENS - 1
+    assert sum(r.offline_tokens for r in committed) == sum(len(p) + NEW_TOKENS - 1 for p in prompts)
+    assert all(r.seconds > 0 and r.decodes <= r.seqs for r in trace)
+    assert [r.at_s for r in trace] == sorted(r.at_s for r in trace)
+    # Steps with offline work beside the online decodes are sized to the TPOT SLO: those carry a prediction.
+    sized = [r for r in committed if r.predicted_s is not None]
+    assert sized and all(r.online_tokens and r.predicted_s > 0 and r.time_scale > 0 for r in sized)
+    assert online.token_ids == deep.reference_greedy(ONLINE_PROMPTS[0], NEW_TOKENS)
+    assert [o.token_ids for o in offline] == [deep.reference_greedy(p, NEW_TOKENS) for p in prompts]
+
+
+def test_the_step_trace_keeps_only_its_last_steps_and_is_off_by_default(deep):
+    with deep.engine(step_trace=3) as engine:
+        engine.generate(OFFLINE_PROMPTS[:2], GREEDY, "offline")
+        assert len(engine.step_trace()) == 3 and engine.stats().num_steps > 3
+    with deep.engine() as engine:
+        engine.generate(OFFLINE_PROMPTS[:1], GREEDY, "offline")
+        assert engine.step_trace() == []
+    with pytest.raises(InvalidRequestError, match="step_trace"):
+        deep.engine(step_trace=-1)
