@@ -205,8 +205,7 @@ class Scheduler:
                 # Online requests may evict offline ones to get in, for a seat as for memory (measured
                 # on an H200: offline requests held all 128 seats and online arrivals ran one at a
                 # time, 3-5 s TTFT); nothing else evicts to be admitted.
-                if offline or not self.policy.knows_classes or not self._evict_offline_for(
-                        needed, step, busy, seat=no_seat):
+                if offline or not self.policy.knows_classes or not self._evict_offline_for(needed, step, busy):
                     return
             queue.popleft()
             req.block_ids.extend(self.pool.allocate(needed))
@@ -255,14 +254,14 @@ class Scheduler:
         req.block_ids.extend(self.pool.allocate(needed))
         return True
 
-    def _evict_offline_for(self, needed: int, step: "_StepPlan", busy: frozenset[str],
-                           seat: bool = False) -> bool:
-        """Evict offline requests until `needed` blocks are free, and at least one if a seat is needed
-        too; False (evicting nothing) if they cannot."""
+    def _evict_offline_for(self, needed: int, step: "_StepPlan", busy: frozenset[str]) -> bool:
+        """Evict offline requests until `needed` blocks are free and a running seat is (for a request
+        about to be admitted); False (evicting nothing) if they cannot."""
         victims = self._offline_victims(step, busy)
-        if (seat and not victims) or sum(len(r.block_ids) for r in victims) + self.pool.num_free < needed:
+        no_seat = len(self.running) >= self.config.max_num_seqs
+        if (no_seat and not victims) or sum(len(r.block_ids) for r in victims) + self.pool.num_free < needed:
             return False
-        while needed > self.pool.num_free or (seat and len(self.running) >= self.config.max_num_seqs):
+        while needed > self.pool.num_free or len(self.running) >= self.config.max_num_seqs:
             victim = victims.pop(0)
             self.preempt(victim)
             step.out.preempted.append(victim)
