@@ -55,19 +55,21 @@ def main() -> int:
     def decode_only(chunks) -> bool:
         return all(p == 1 for p, _ in chunks)
 
+    kinds = (("decode-only", decode_only), ("other", lambda chunks: not decode_only(chunks)))
+
     result = {"device": str(engine.device), "model": engine.model_name, "samples": [len(train), len(test)],
               "coefficients": fitted.to_dict(), "without": args.without, "fits": {}}
     print(f"{engine.model_name} on {engine.device}: {len(train)} + {len(test)} profiled steps")
     print(f"{'':28} {'in-sample':>10} {'held-out':>10} {'decode-only':>12} {'other steps':>12}")
     for name, model in (("as the engine fits it", fitted), (f"without {args.without}", without)):
         row = {"in_sample": model.mean_relative_error(train), "held_out": model.mean_relative_error(test)}
-        for kind, keep in (("decode_only", decode_only), ("other", lambda c: not decode_only(c))):
+        for kind, keep in kinds:
             subset = [s for s in test if keep(s[0])]
-            row[f"held_out_{kind}"] = model.mean_relative_error(subset) if subset else None
+            row[f"held_out_{kind.replace('-', '_')}"] = model.mean_relative_error(subset) if subset else None
         result["fits"][name] = row
         cells = [f"{v:10.1%}" if v is not None else f"{'-':>10}" for v in row.values()]
         print(f"{name:28} {cells[0]} {cells[1]} {cells[2]:>12} {cells[3]:>12}")
-    for kind, keep in (("decode-only", decode_only), ("other", lambda c: not decode_only(c))):
+    for kind, keep in kinds:
         times = [seconds for chunks, seconds in test if keep(chunks)]
         if times:
             print(f"held-out {kind} steps: {len(times)}, median {statistics.median(times) * 1e3:.1f} ms")
