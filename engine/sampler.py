@@ -31,10 +31,29 @@ def sample(logits: torch.Tensor, requests: list[Request]) -> list[int]:
     return tokens.tolist()
 
 
+# Greedy rows on the CPU are reduced in blocks of this many logits (_greedy).
+GREEDY_BLOCK = 1024
+
+
 def _greedy(logits: torch.Tensor) -> torch.Tensor:
-    """The index of each row's largest logit, the first among equals (as argmax). max(dim) rather than
-    argmax: on bfloat16 CPU logits argmax took 5.8 ms for a batch of 64 rows, max 1.4 ms."""
-    return logits.max(dim=-1).indices
+    """The index of each row's largest logit, the first among equals (as argmax).
+
+    On the CPU a row is cut into blocks: amax finds each block's maximum with vector instructions, and
+    only the first block holding the row's maximum is searched for its position. max(dim), which tracks
+    an index at every element, took 2.7 ms for 64 bfloat16 rows of SmolLM2's 49,152 logits on 2 Zen 4
+    cores, the blocks 0.8 ms (argmax: 6.4 ms); 1.9 ms of a 100 ms batch-64 decode step."""
+    rows, vocab = logits.shape
+    blocks = vocab // GREEDY_BLOCK
+    if logits.device.type != "cpu" or blocks < 2:
+        return logits.max(dim=-1).indices
+    cut = blocks * GREEDY_BLOCK
+    head = logits[:, :cut].reshape(rows, blocks, GREEDY_BLOCK)
+    best, block = head.amax(dim=-1).max(dim=-1)  # max(dim) picks the first block among equals
+    tokens = block * GREEDY_BLOCK + head[torch.arange(rows), block].max(dim=-1).indices
+    if cut < vocab:  # the last logits, fewer than a block: they win only when strictly larger
+        tail_best, tail_at = logits[:, cut:].max(dim=-1)
+        tokens = torch.where(tail_best > best, tail_at + cut, tokens)
+    return tokens
 
 
 def _ban_early_stops(logits: torch.Tensor, requests: list[Request]) -> None:

@@ -315,3 +315,17 @@ def test_streamed_deltas_of_random_byte_level_tokens_keep_characters_whole(tiny_
     final = outputs[-1]
     assert len(final.token_ids) == 40
     assert "".join(o.delta for o in outputs) == final.text == tiny.tokenizer.decode(final.token_ids)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("vocab", [1100, 4096, 5000])
+def test_greedy_rows_pick_the_first_largest_logit_as_argmax_does(dtype, vocab):
+    """Greedy rows are reduced block by block on the CPU: ties inside a block, across blocks and with
+    the short tail after the last whole block must still give argmax's first index."""
+    logits = torch.randn(6, vocab, generator=torch.Generator().manual_seed(vocab)).to(dtype)
+    top = logits.amax(dim=-1)
+    for row, places in enumerate([[], [3, 9], [1023, 1024], [vocab - 1], [vocab - 1, 2], [vocab - 2, vocab - 1]]):
+        for place in places:
+            logits[row, place] = top[row]
+    requests = [Request(f"r{i}", [1], GREEDY, RequestClass.ONLINE, frozenset(), 1 << 20) for i in range(6)]
+    assert sample(logits, requests) == logits.float().argmax(dim=-1).tolist()
