@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from engine.request import Request, RequestClass
-from engine.sampler import sample
+from engine.sampler import GREEDY_BLOCK, sample
 from engine.sampling_params import SamplingParams
 from tiny_models import prompt_of
 
@@ -324,7 +324,8 @@ def test_greedy_rows_pick_the_first_largest_logit_as_argmax_does(dtype, vocab):
     the short tail after the last whole block must still give argmax's first index."""
     logits = torch.randn(6, vocab, generator=torch.Generator().manual_seed(vocab)).to(dtype)
     top = logits.amax(dim=-1)
-    for row, places in enumerate([[], [3, 9], [1023, 1024], [vocab - 1], [vocab - 1, 2], [vocab - 2, vocab - 1]]):
+    for row, places in enumerate([[], [3, 9], [GREEDY_BLOCK - 1, GREEDY_BLOCK], [vocab - 1],
+                                     [vocab - 1, 2], [vocab - 2, vocab - 1]]):
         for place in places:
             logits[row, place] = top[row]
     requests = [Request(f"r{i}", [1], GREEDY, RequestClass.ONLINE, frozenset(), 1 << 20) for i in range(6)]
