@@ -63,6 +63,11 @@ class AttentionBackend(ABC):
         depends on (a profile taken with other kernels mispredicts)."""
         return type(self).__name__
 
+    def mirror_cut_views(self, device: torch.device, dtype: torch.dtype) -> bool:
+        """Whether decodes over the decode mirror read its keys and values cut to the batch's longest
+        context (DecodeMirror's cut_views) rather than over its whole capacity."""
+        return False
+
 
 def cpu_sdpa_prefill_dtypes() -> tuple[torch.dtype, ...]:
     """The dtypes whose prefill chunks on this CPU are faster in scaled_dot_product_attention's flash
@@ -142,8 +147,13 @@ class TorchAttentionBackend(AttentionBackend):
         cpu = device.type == "cpu"
         prefill = ("sdpa" if cpu and dtype in self.sdpa_prefill_dtypes
                    else f"sdpa from {self.sdpa_min_chunk} new tokens, matmuls below")
-        decode = "sdpa" if cpu and dtype in self.sdpa_decode_dtypes else "matmuls"
+        decode = "sdpa, cut to the longest context" if self.mirror_cut_views(device, dtype) else "matmuls"
         return f"prefill: {prefill}; decode over the mirror: {decode}"
+
+    def mirror_cut_views(self, device: torch.device, dtype: torch.dtype) -> bool:
+        # scaled_dot_product_attention takes the strided views at a contiguous tensor's speed; the
+        # batched matmuls would copy them (DecodeMirror's docstring).
+        return device.type == "cpu" and dtype in self.sdpa_decode_dtypes
 
     def forward(self, q, k, v, key_cache, value_cache, meta, layer):
         key_cache.index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
@@ -205,32 +215,38 @@ class TorchAttentionBackend(AttentionBackend):
     def _attend_mirror(self, q, k, v, key_cache, value_cache, plan: MirrorPlan, layer: int):
         """The decodes, q [b, heads, d] and their new k, v [b, kv_heads, d], against their slots of the
         decode mirror. Returns [b, heads*d]."""
-        keys, values = plan.keys[layer], plan.values[layer]
+        s, kvh, g, d = plan.num_slots, self.num_kv_heads, self.group, self.head_dim
+        # The slots attended over: a slice along the first axis, so still contiguous, and written through.
+        keys = plan.keys[layer][plan.first_slot:plan.first_slot + s]
+        values = plan.values[layer][plan.first_slot:plan.first_slot + s]
         keys[plan.slots, :, plan.positions] = k
         values[plan.slots, :, plan.positions] = v
         if plan.join_slots is not None:  # their whole context, from the pool this layer just wrote
             n, t = plan.join_slots.shape[0], plan.join_tokens
             keys[plan.join_slots, :, :t] = self._gather(key_cache, plan.join_blocks, n).transpose(0, 1)
             values[plan.join_slots, :, :t] = self._gather(value_cache, plan.join_blocks, n).transpose(0, 1)
-        s, kvh, g, d = plan.num_slots, self.num_kv_heads, self.group, self.head_dim
-        capacity = keys.shape[2]
         if plan.identity:
             qs = q
         else:  # holes get zero queries; their rows are dropped below
             qs = q.new_zeros(s, self.num_heads, d)
             qs[plan.slots] = q
+        length = plan.attend_len
         if q.device.type == "cpu" and q.dtype in self.sdpa_decode_dtypes:
-            # The kernel takes a float mask only in the queries' dtype; 0 and -inf convert exactly.
-            out = F.scaled_dot_product_attention(qs.unsqueeze(2), keys[:s], values[:s], enable_gqa=True,
-                                                 attn_mask=plan.bias.unsqueeze(2).to(q.dtype))
+            # The kernel takes a float mask only in the queries' dtype; 0 and -inf convert exactly. It reads
+            # the keys cut to the longest context in place (DecodeMirror's cut_views).
+            out = F.scaled_dot_product_attention(qs.unsqueeze(2), keys[:, :, :length], values[:, :, :length],
+                                                 enable_gqa=True, attn_mask=plan.bias.unsqueeze(2).to(q.dtype))
             out = out.view(s, self.num_heads * d)
             return out if plan.identity else out[plan.slots]
+        if length != keys.shape[2]:
+            raise ValueError("the batched matmuls attend over the mirror's whole capacity; cut views are for "
+                             "scaled_dot_product_attention only (DecodeMirror's cut_views)")
         qs = qs.reshape(s * kvh, g, d)
-        # The first num_slots slots are a contiguous prefix: [slots * kv_heads, capacity, d] with no copy.
-        scores = torch.bmm(qs, keys[:s].view(s * kvh, capacity, d).transpose(1, 2)).view(s, kvh * g, capacity)
+        # [slots * kv_heads, capacity, d] with no copy: the slots attended over are contiguous.
+        scores = torch.bmm(qs, keys.view(s * kvh, length, d).transpose(1, 2)).view(s, kvh * g, length)
         scores = torch.add(plan.bias, scores, alpha=self.scale)
-        probs = scores.softmax(dim=-1).to(q.dtype).view(s * kvh, g, capacity)
-        out = torch.bmm(probs, values[:s].view(s * kvh, capacity, d)).view(s, self.num_heads * d)
+        probs = scores.softmax(dim=-1).to(q.dtype).view(s * kvh, g, length)
+        out = torch.bmm(probs, values.view(s * kvh, length, d)).view(s, self.num_heads * d)
         return out if plan.identity else out[plan.slots]
 
     def _kv_head_major(self, x: torch.Tensor, n: int, t: int) -> torch.Tensor:

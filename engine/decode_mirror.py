@@ -21,11 +21,22 @@ that does not finish every layer (stopped at a safepoint, failed) leaves the slo
 behind the others, so the runner calls invalidate() and the next step rebuilds all slots.
 
 The tensors are [slots, kv_heads, capacity, d] per layer: a slot is contiguous, so the matmuls take
-[slots * kv_heads, capacity, d] as one batch with no copy. Attention runs over the whole capacity
-(masked past each sequence's length): a view cut to the longest context would be strided between
-batch entries, which measured 3.9x slower for the scores' matmul. Capacity is therefore kept at most
-2 x GROWTH tokens above the longest context (the tensors are reallocated, the slots keeping what they
-hold, when contexts outgrow it or shrink further below it)."""
+[slots * kv_heads, capacity, d] as one batch with no copy. A step attends over the range of slots
+from the lowest its decodes use to the highest (a slice along the first axis, still contiguous), so
+the slots freed below a batch as its oldest sequences finish cost nothing.
+
+How much capacity a slot gets depends on the kernel that reads it (cut_views):
+- The batched matmuls run over the whole capacity (masked past each sequence's length): a view cut to
+  the longest context would be strided between batch entries, which measured 3.9x slower for the
+  scores' matmul. Capacity is kept at most 2 x GROWTH tokens above the longest context (the tensors
+  are reallocated, the slots keeping what they hold, when contexts outgrow it or shrink further
+  below it).
+- scaled_dot_product_attention (bfloat16 decodes on CPUs with AMX) reads a view cut to the longest
+  context about as fast as a contiguous one (64 slots, 200 of 256 positions: 0.54 against 0.50 ms,
+  against 0.59 over all 256), so padding costs memory only. Capacity then reaches as far as the
+  requests can grow (prompt plus max_tokens), up to twice the longest context, and the tensors are
+  rarely reallocated: each reallocation copies every slot into fresh memory (on a 2-core Xeon,
+  64 slots growing to 272 positions took 220-330 ms against a 70 ms step)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -48,16 +59,18 @@ class MirrorPlan:
     """How one step's decodes (the batch's first rows) use the mirror; read by every layer."""
     keys: list[torch.Tensor]          # per layer [slots, kv_heads, capacity, d]
     values: list[torch.Tensor]
-    num_slots: int                    # slots attended over: [0, num_slots)
-    slots: torch.Tensor               # [decodes]: each decode row's slot
+    first_slot: int                   # slots attended over: [first_slot, first_slot + num_slots)
+    num_slots: int
+    attend_len: int                   # positions attended over: [0, attend_len), capacity unless cut_views
+    slots: torch.Tensor               # [decodes]: each decode row's slot, counted from first_slot
     positions: torch.Tensor           # [decodes]: where its new key goes (its context length - 1)
     identity: bool                    # decode row i sits in slot i and there are no other slots
-    # Decodes joining their slots this step: their slots, their pool rows to gather (as
+    # Decodes joining their slots this step: their slots (from first_slot), their pool rows to gather (as
     # AttentionMetadata.decode_blocks) and the tokens those rows cover; None when no one joins.
     join_slots: torch.Tensor | None
     join_blocks: torch.Tensor | None
     join_tokens: int
-    bias: torch.Tensor                # [num_slots, 1, capacity]: 0 where a slot's keys count, -inf past them
+    bias: torch.Tensor                # [num_slots, 1, attend_len]: 0 where a slot's keys count, -inf past them
 
 
 @dataclass
@@ -69,7 +82,7 @@ class _Slot:
 
 class DecodeMirror:
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, block_size: int,
-                 dtype: torch.dtype, device: torch.device, max_bytes: int):
+                 dtype: torch.dtype, device: torch.device, max_bytes: int, cut_views: bool = False):
         self.num_layers = num_layers
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
@@ -77,6 +90,8 @@ class DecodeMirror:
         self.dtype = dtype
         self.device = device
         self.max_bytes = max_bytes
+        # Whether attention reads a view cut to the longest context (see the module's docstring).
+        self.cut_views = cut_views
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
         self.capacity = 0
@@ -99,14 +114,15 @@ class DecodeMirror:
         step has run; (None, None) when the batch does not fit in max_bytes (the step gathers instead)."""
         n = len(requests)
         longest = max(lengths)
-        if longest > self.capacity or self.capacity > longest + 2 * GROWTH or n > len(self._slots):
-            capacity = blocks_for(longest + GROWTH, self.block_size) * self.block_size
+        if longest > self.capacity or self.capacity > self._shrink_above(longest) or n > len(self._slots):
             slots = -(-n // SLOT_ROUND) * SLOT_ROUND
-            if self.bytes_for(slots, capacity) > self.max_bytes:
+            capacity = next((c for c in self._capacities(requests, longest) if self.bytes_for(slots, c) <= self.max_bytes),
+                            None)
+            if capacity is None:
                 return None, None
             self._allocate(slots, capacity)
         slot_of, joiners = self._keep_or_join(requests, lengths)
-        if max(slot_of) + 1 > n + max(SLOT_ROUND, n // 4):  # too many holes to attend over: repack
+        if max(slot_of) + 1 - min(slot_of) > n + max(SLOT_ROUND, n // 4):  # too many holes to attend over: repack
             self.invalidate()
             slot_of, joiners = self._keep_or_join(requests, lengths)
         table: list[_Slot | None] = [None] * len(self._slots)
@@ -114,28 +130,48 @@ class DecodeMirror:
             table[slot_of[row]] = _Slot(req, req.kv_generation, length)
 
         dev = self.device
-        num_slots = max(slot_of) + 1
+        first = min(slot_of)
+        num_slots = max(slot_of) + 1 - first
+        rows = [i - first for i in slot_of]
         join_slots = join_blocks = None
         join_tokens = 0
         if joiners:
             join_blocks, join_tokens = block_rows([requests[r] for r in joiners], [lengths[r] for r in joiners])
-            join_slots = torch.tensor([slot_of[r] for r in joiners], device=dev)
+            join_slots = torch.tensor([rows[r] for r in joiners], device=dev)
         slot_lengths = [0] * num_slots
-        for row, length in enumerate(lengths):
-            slot_lengths[slot_of[row]] = length
+        for row, length in zip(rows, lengths):
+            slot_lengths[row] = length
+        attend_len = longest if self.cut_views else self.capacity
         # A hole (a slot no decode of this step uses) keeps its first position visible: a row with every
         # score at -inf would turn into NaN. Its output is thrown away.
         visible = torch.tensor([max(1, x) for x in slot_lengths], device=dev)
-        hidden = torch.arange(self.capacity, device=dev).unsqueeze(0) >= visible.unsqueeze(1)
+        hidden = torch.arange(attend_len, device=dev).unsqueeze(0) >= visible.unsqueeze(1)
         plan = MirrorPlan(
-            keys=self.keys, values=self.values, num_slots=num_slots,
-            slots=torch.tensor(slot_of, device=dev),
+            keys=self.keys, values=self.values, first_slot=first, num_slots=num_slots, attend_len=attend_len,
+            slots=torch.tensor(rows, device=dev),
             positions=torch.tensor([x - 1 for x in lengths], device=dev),
-            identity=slot_of == list(range(n)) and num_slots == n,
+            identity=rows == list(range(n)) and num_slots == n,
             join_slots=join_slots, join_blocks=join_blocks, join_tokens=join_tokens,
             bias=bias(hidden).unsqueeze(1),
         )
         return plan, table
+
+    def _shrink_above(self, longest: int) -> int:
+        """The capacity past which the tensors are reallocated smaller for a batch whose longest context is
+        `longest`: padding the kernel reads costs time, padding it cuts away only memory."""
+        return 4 * (longest + GROWTH) if self.cut_views else longest + 2 * GROWTH
+
+    def _capacities(self, requests: list[Request], longest: int) -> list[int]:
+        """Capacities to allocate, the preferred first, each a whole number of blocks and at least `longest`.
+        With cut views: as far as these requests can grow, up to twice the longest context; then, where
+        that exceeds the byte budget, what the matmuls get: GROWTH tokens of headroom."""
+        def whole_blocks(tokens: int) -> int:
+            return blocks_for(tokens, self.block_size) * self.block_size
+        tight = whole_blocks(longest + GROWTH)
+        if not self.cut_views:
+            return [tight]
+        reach = max(max(r.max_total_tokens for r in requests), longest)
+        return [whole_blocks(min(reach, longest + max(GROWTH, longest))), tight]
 
     def _keep_or_join(self, requests: list[Request], lengths: list[int]) -> tuple[list[int], list[int]]:
         """Each decode's slot: its own where that holds every position before its new token, else the

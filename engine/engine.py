@@ -148,7 +148,8 @@ class Engine:
                 max_context=min(self.max_model_len, GRAPHS_MAX_CONTEXT), device=self.device,
                 capture=self.device.type == "cuda", max_gather_bytes=GRAPHS_MAX_GATHER_BYTES))
         else:
-            self.runner = ModelRunner(model, self.kv_cache, self.device, self._decode_mirror(mc, num_blocks, dtype))
+            self.runner = ModelRunner(model, self.kv_cache, self.device,
+                                      self._decode_mirror(mc, num_blocks, dtype, backend.mirror_cut_views(self.device, dtype)))
         self.policy = Policy.parse(config.policy)
         cost_model = None
         self.profile_key: str | None = None  # what the step-latency profile is cached under (conserve only)
@@ -177,14 +178,14 @@ class Engine:
         self._trace = StepTrace(config.step_trace) if config.step_trace else None
         self._started = time.monotonic()
 
-    def _decode_mirror(self, mc, num_blocks: int, dtype: torch.dtype) -> DecodeMirror | None:
+    def _decode_mirror(self, mc, num_blocks: int, dtype: torch.dtype, cut_views: bool) -> DecodeMirror | None:
         """The decode mirror, on CPU by default: there it spares every decode step its gather. On CUDA the
         gather is cheap beside the memory a mirror would hold.
 
         Its default cap is twice the pool's size (within a share of host RAM): it holds no more than the
         decoding sequences' keys and values, which live in the pool too, plus its padding (up to twice
-        GROWTH tokens a slot, slots rounded up to SLOT_ROUND), which a small pool's size alone leaves
-        no room for. The tensors are sized to the batch decoding, not to the cap."""
+        GROWTH tokens a slot, slots rounded up to SLOT_ROUND; with cut views up to the longest context
+        again, where the cap allows), which a small pool's size alone leaves no room for. The tensors are sized to the batch decoding, not to the cap."""
         limit = self.config.decode_mirror_bytes
         if limit is None:
             pool_bytes = num_blocks * kv_bytes_per_block(mc, self.config.block_size, dtype)
@@ -193,7 +194,7 @@ class Engine:
         if limit == 0:
             return None
         return DecodeMirror(mc.num_hidden_layers, mc.num_key_value_heads, mc.head_dim, self.config.block_size,
-                            dtype, self.device, limit)
+                            dtype, self.device, limit, cut_views)
 
     def _cost_model(self, loaded: LoadedModel, dtype: torch.dtype):
         """The step-latency model the SLO-aware scheduler plans with: profiled on this device once, then

@@ -27,8 +27,8 @@ class _NoModel:
     backend = TorchAttentionBackend(HEADS, KV_HEADS, HEAD_DIM, BLOCK)
 
 
-def mirror(max_bytes: int = 1 << 30, dtype: torch.dtype = torch.float32) -> DecodeMirror:
-    return DecodeMirror(LAYERS, KV_HEADS, HEAD_DIM, BLOCK, dtype, CPU, max_bytes)
+def mirror(max_bytes: int = 1 << 30, dtype: torch.dtype = torch.float32, cut_views: bool = False) -> DecodeMirror:
+    return DecodeMirror(LAYERS, KV_HEADS, HEAD_DIM, BLOCK, dtype, CPU, max_bytes, cut_views)
 
 
 def request(i: int, length: int, pool: BlockPool, room: int = 8) -> Request:
@@ -57,10 +57,10 @@ class Harness:
                 fill = torch.randn_like(getattr(self.caches[0], name)[layer])
                 for cache in self.caches:
                     getattr(cache, name)[layer].copy_(fill)
-        self.mirror = mirror(max_bytes, dtype)
+        self.backend = _NoModel.backend
+        self.mirror = mirror(max_bytes, dtype, cut_views=self.backend.mirror_cut_views(CPU, dtype))
         self.with_mirror = ModelRunner(_NoModel(), self.caches[0], CPU, self.mirror)
         self.without = ModelRunner(_NoModel(), self.caches[1], CPU)
-        self.backend = _NoModel.backend
 
     def step(self, requests: list[Request]):
         """Run one decode step of `requests` through both runners; returns the mirror's plan for it."""
@@ -125,6 +125,29 @@ def test_mirror_reallocates_as_contexts_outgrow_its_capacity():
     h.step(more)
 
 
+def test_cut_views_size_slots_to_what_the_requests_can_reach(monkeypatch):
+    """Where attention reads views cut to the longest context, the slots are sized to the requests'
+    prompt plus max_tokens (up to twice the longest context), so they never grow as the sequences
+    decode; each step attends over exactly its longest context."""
+    monkeypatch.setattr(TorchAttentionBackend, "sdpa_decode_dtypes", (torch.bfloat16,))
+    h = Harness(dtype=torch.bfloat16)
+    assert h.mirror.cut_views
+    # Contexts of 10 and 14 tokens; prompts of 22 and 26 with max_tokens 4: they reach 26 and 30.
+    reqs = [request(i, n, h.pool, room=12) for i, n in enumerate([10, 14])]
+    plan = h.step(reqs)
+    capacity = h.mirror.capacity
+    assert 30 <= capacity < 30 + BLOCK and plan.attend_len == 14 and plan.bias.shape[-1] == 14
+    while reqs[1].num_computed_tokens + 1 < len(reqs[1].token_ids):  # as far as its blocks go
+        plan = h.step(reqs)
+        assert h.mirror.capacity == capacity and plan.join_slots is None
+    assert plan.attend_len == reqs[1].num_computed_tokens  # the step's longest context, after it ran
+    # A budget too small for the reach falls back to GROWTH tokens of headroom.
+    small = Harness(dtype=torch.bfloat16, max_bytes=mirror().bytes_for(8, 2 * GROWTH))
+    long_ = [request(0, 3 * GROWTH // 2, small.pool, room=4 * GROWTH)]
+    small.step(long_)
+    assert small.mirror.capacity < 3 * GROWTH // 2 + 4 * GROWTH
+
+
 def test_plan_appends_joins_and_repacks():
     pool = BlockPool(256, BLOCK)
     m = mirror()
@@ -152,13 +175,18 @@ def test_plan_appends_joins_and_repacks():
     m.invalidate()
     p, _ = plan(reqs[:3])
     assert p.join_slots.tolist() == [0, 1, 2]   # nothing is trusted after invalidate()
-    # Too many holes are repacked instead of attended over.
     p, table = plan(reqs[:12])
     m.commit(table)
     for r in reqs:
         r.num_computed_tokens += 1
+    # Holes below or above the slots in use are not attended over: r11 alone keeps its slot.
     p, _ = plan([reqs[11]])
-    assert p.slots.tolist() == [0] and p.num_slots == 1 and p.join_slots.tolist() == [0]
+    assert (p.first_slot, p.num_slots, p.slots.tolist(), p.join_slots) == (11, 1, [0], None) and p.identity
+    p, _ = plan(reqs[6:12])
+    assert (p.first_slot, p.num_slots, p.join_slots) == (6, 6, None) and p.identity
+    # Too many holes between them are repacked instead of attended over: both join again from slot 0.
+    p, _ = plan([reqs[0], reqs[11]])
+    assert (p.first_slot, p.num_slots, p.slots.tolist(), p.join_slots.tolist()) == (0, 2, [0, 1], [0, 1])
 
 
 def test_plan_falls_back_to_the_gather_beyond_its_byte_budget():
