@@ -12,6 +12,7 @@ from engine.errors import ModelLoadError
 from engine.kv_cache import KVCache
 from engine.linear import Linear
 from engine.model_config import ModelConfig
+from engine.norm import RMSNorm
 from engine.rope import RotaryEmbedding, apply_rotary
 
 # Called with the index of the layer about to run; True stops the step there (layer-wise preemption).
@@ -29,10 +30,10 @@ class Parked:
 
 @dataclass
 class LayerWeights:
-    input_norm: torch.Tensor
+    input_norm: RMSNorm
     qkv: Linear              # q, k and v projections stacked: one matrix product instead of three
     o: Linear
-    post_norm: torch.Tensor
+    post_norm: RMSNorm
     gate_up: Linear          # gate and up projections stacked
     down: Linear
 
@@ -56,15 +57,15 @@ class LlamaModel:
         for i in range(config.num_hidden_layers):
             p = f"model.layers.{i}."
             self.layers.append(LayerWeights(
-                input_norm=take(p + "input_layernorm.weight"),
+                input_norm=RMSNorm(take(p + "input_layernorm.weight"), config.rms_norm_eps),
                 qkv=Linear(torch.cat([take(p + f"self_attn.{n}_proj.weight") for n in "qkv"]).contiguous()),
                 o=Linear(take(p + "self_attn.o_proj.weight")),
-                post_norm=take(p + "post_attention_layernorm.weight"),
+                post_norm=RMSNorm(take(p + "post_attention_layernorm.weight"), config.rms_norm_eps),
                 gate_up=Linear(torch.cat([take(p + "mlp.gate_proj.weight"),
                                           take(p + "mlp.up_proj.weight")]).contiguous()),
                 down=Linear(take(p + "mlp.down_proj.weight")),
             ))
-        self.norm = take("model.norm.weight")
+        self.norm = RMSNorm(take("model.norm.weight"), config.rms_norm_eps)
         self.lm_head = Linear(take("lm_head.weight") if "lm_head.weight" in tensors else self.embed)
         self.rope = RotaryEmbedding(config, max_positions, dtype, device)
         h, kvh, d = config.num_attention_heads, config.num_key_value_heads, config.head_dim
@@ -98,9 +99,9 @@ class LlamaModel:
         into the decode steps' CUDA graphs (engine/decode_graphs.py)."""
         cfg = self.config
         n = h.shape[0]
-        heads, kv_heads, d, eps = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.rms_norm_eps
+        heads, kv_heads, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         layer = self.layers[i]
-        x = F.rms_norm(h, (h.shape[-1],), layer.input_norm, eps)
+        x = layer.input_norm(h)
         qkv = layer.qkv(x)
         qk = qkv[:, : (heads + kv_heads) * d].view(n, heads + kv_heads, d)
         qk = apply_rotary(qk, cos, sin)
@@ -108,11 +109,11 @@ class LlamaModel:
         v = qkv[:, (heads + kv_heads) * d:].view(n, kv_heads, d)
         attn = self.backend.forward(q, k, v, kv_cache.keys[i], kv_cache.values[i], meta, i)
         h = h + layer.o(attn)
-        x = F.rms_norm(h, (h.shape[-1],), layer.post_norm, eps)
+        x = layer.post_norm(h)
         gate, up = layer.gate_up(x).chunk(2, dim=-1)
         return h + layer.down(F.silu(gate) * up)
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """The final norm and the LM head: logits for the hidden rows given."""
-        h = F.rms_norm(h, (h.shape[-1],), self.norm, self.config.rms_norm_eps)
+        h = self.norm(h)
         return self.lm_head(h)
