@@ -116,8 +116,8 @@ class DecodeMirror:
         longest = max(lengths)
         if longest > self.capacity or self.capacity > self._shrink_above(longest) or n > len(self._slots):
             slots = -(-n // SLOT_ROUND) * SLOT_ROUND
-            capacity = next((c for c in self._capacities(requests, longest) if self.bytes_for(slots, c) <= self.max_bytes),
-                            None)
+            capacity = next((c for c in self._capacities(requests, longest)
+                             if self.bytes_for(slots, c) <= self.max_bytes), None)
             if capacity is None:
                 return None, None
             self._allocate(slots, capacity)

@@ -148,8 +148,8 @@ class Engine:
                 max_context=min(self.max_model_len, GRAPHS_MAX_CONTEXT), device=self.device,
                 capture=self.device.type == "cuda", max_gather_bytes=GRAPHS_MAX_GATHER_BYTES))
         else:
-            self.runner = ModelRunner(model, self.kv_cache, self.device,
-                                      self._decode_mirror(mc, num_blocks, dtype, backend.mirror_cut_views(self.device, dtype)))
+            mirror = self._decode_mirror(mc, num_blocks, dtype, backend.mirror_cut_views(self.device, dtype))
+            self.runner = ModelRunner(model, self.kv_cache, self.device, mirror)
         self.policy = Policy.parse(config.policy)
         cost_model = None
         self.profile_key: str | None = None  # what the step-latency profile is cached under (conserve only)
@@ -185,7 +185,8 @@ class Engine:
         Its default cap is twice the pool's size (within a share of host RAM): it holds no more than the
         decoding sequences' keys and values, which live in the pool too, plus its padding (up to twice
         GROWTH tokens a slot, slots rounded up to SLOT_ROUND; with cut views up to the longest context
-        again, where the cap allows), which a small pool's size alone leaves no room for. The tensors are sized to the batch decoding, not to the cap."""
+        again, where the cap allows), which a small pool's size alone leaves no room for. The tensors are
+        sized to the batch decoding, not to the cap."""
         limit = self.config.decode_mirror_bytes
         if limit is None:
             pool_bytes = num_blocks * kv_bytes_per_block(mc, self.config.block_size, dtype)
