@@ -25,18 +25,20 @@ The tensors are [slots, kv_heads, capacity, d] per layer: a slot is contiguous, 
 from the lowest its decodes use to the highest (a slice along the first axis, still contiguous), so
 the slots freed below a batch as its oldest sequences finish cost nothing.
 
-How much capacity a slot gets depends on the kernel that reads it (cut_views):
-- The batched matmuls run over the whole capacity (masked past each sequence's length): a view cut to
-  the longest context would be strided between batch entries, which measured 3.9x slower for the
-  scores' matmul. Capacity is kept at most 2 x GROWTH tokens above the longest context (the tensors
-  are reallocated, the slots keeping what they hold, when contexts outgrow it or shrink further
-  below it).
-- scaled_dot_product_attention (bfloat16 decodes on CPUs with AMX) reads a view cut to the longest
-  context about as fast as a contiguous one (64 slots, 200 of 256 positions: 0.54 against 0.50 ms,
-  against 0.59 over all 256), so padding costs memory only. Capacity then reaches as far as the
+How much capacity a slot gets depends on whether the kernel that reads it takes a view cut to the
+longest context (cut_views; such a view is strided between batch entries):
+- Where it does not (bfloat16's batched matmuls: the cut scores' product measured 3.9x slower), it
+  runs over the whole capacity (masked past each sequence's length). Capacity is kept at most
+  2 x GROWTH tokens above the longest context (the tensors are reallocated, the slots keeping what
+  they hold, when contexts outgrow it or shrink further below it).
+- Where it does, padding costs memory only: scaled_dot_product_attention (bfloat16 decodes on CPUs
+  with AMX) reads a cut view about as fast as a contiguous one (64 slots, 200 of 256 positions: 0.54
+  against 0.50 ms, against 0.59 over all 256), and float32's batched matmuls read it faster than the
+  whole capacity (attention.cpu_matmul_cut_view_dtypes). Capacity then reaches as far as the
   requests can grow (prompt plus max_tokens), up to twice the longest context, and the tensors are
   rarely reallocated: each reallocation copies every slot into fresh memory (on a 2-core Xeon,
-  64 slots growing to 272 positions took 220-330 ms against a 70 ms step)."""
+  64 slots growing to 272 positions took 220-330 ms against a 70 ms step; on a 2-core AVX2 EPYC in
+  float32, 176 to 224 positions about 300 ms against a 290 ms step)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -164,7 +166,7 @@ class DecodeMirror:
     def _capacities(self, requests: list[Request], longest: int) -> list[int]:
         """Capacities to allocate, the preferred first, each a whole number of blocks and at least `longest`.
         With cut views: as far as these requests can grow, up to twice the longest context; then, where
-        that exceeds the byte budget, what the matmuls get: GROWTH tokens of headroom."""
+        that exceeds the byte budget, what a kernel without cut views gets: GROWTH tokens of headroom."""
         def whole_blocks(tokens: int) -> int:
             return blocks_for(tokens, self.block_size) * self.block_size
         tight = whole_blocks(longest + GROWTH)

@@ -80,17 +80,25 @@ class Harness:
         return batches[0].meta.mirror
 
 
-@pytest.mark.parametrize("dtype, sdpa_decode_dtypes", [
-    (torch.float32, ()),
-    (torch.bfloat16, ()),
+def kernels(monkeypatch, sdpa_decode_dtypes=(), matmul_cut_view_dtypes=()) -> None:
+    """Which kernel the decodes over the mirror take, and whether it reads cut views, by dtype."""
+    monkeypatch.setattr(TorchAttentionBackend, "sdpa_decode_dtypes", sdpa_decode_dtypes)
+    monkeypatch.setattr(TorchAttentionBackend, "matmul_cut_view_dtypes", matmul_cut_view_dtypes)
+
+
+@pytest.mark.parametrize("dtype, sdpa_decode_dtypes, matmul_cut_view_dtypes", [
+    (torch.float32, (), (torch.float32,)),   # the matmuls over views cut to the longest context
+    (torch.float32, (), ()),                 # ... and over the whole capacity
+    (torch.bfloat16, (), ()),
     # bfloat16 decodes over the mirror on scaled_dot_product_attention (CPUs with AMX), the gather's
     # on the matmuls
-    (torch.bfloat16, (torch.bfloat16,)),
+    (torch.bfloat16, (torch.bfloat16,), ()),
 ])
-def test_mirror_attends_as_the_gather_does_as_sequences_join_leave_and_lose_blocks(dtype, sdpa_decode_dtypes,
-                                                                                   monkeypatch):
-    monkeypatch.setattr(TorchAttentionBackend, "sdpa_decode_dtypes", sdpa_decode_dtypes)
+def test_mirror_attends_as_the_gather_does_as_sequences_join_leave_and_lose_blocks(
+        dtype, sdpa_decode_dtypes, matmul_cut_view_dtypes, monkeypatch):
+    kernels(monkeypatch, sdpa_decode_dtypes, matmul_cut_view_dtypes)
     h = Harness(dtype=dtype)
+    assert h.mirror.cut_views == bool(sdpa_decode_dtypes or matmul_cut_view_dtypes)
     reqs = [request(i, n, h.pool) for i, n in enumerate([3, 9, 17, 4, 30])]
     h.step(reqs[:3])                          # all join
     h.step(reqs[:3])                          # all append
@@ -104,8 +112,10 @@ def test_mirror_attends_as_the_gather_does_as_sequences_join_leave_and_lose_bloc
     h.step(reqs[3:])                          # only two left: holes before them
 
 
-def test_mirror_reallocates_as_contexts_outgrow_its_capacity():
+def test_mirror_reallocates_as_contexts_outgrow_its_capacity(monkeypatch):
+    kernels(monkeypatch)  # no cut views: capacity kept just above the longest context
     h = Harness()
+    assert not h.mirror.cut_views
     reqs = [request(i, n, h.pool, room=2 * GROWTH + 16) for i, n in enumerate([5, 6])]
     h.step(reqs)
     capacity = h.mirror.capacity
@@ -125,12 +135,17 @@ def test_mirror_reallocates_as_contexts_outgrow_its_capacity():
     h.step(more)
 
 
-def test_cut_views_size_slots_to_what_the_requests_can_reach(monkeypatch):
+@pytest.mark.parametrize("dtype, sdpa_decode_dtypes, matmul_cut_view_dtypes", [
+    (torch.bfloat16, (torch.bfloat16,), ()),
+    (torch.float32, (), (torch.float32,)),
+])
+def test_cut_views_size_slots_to_what_the_requests_can_reach(dtype, sdpa_decode_dtypes, matmul_cut_view_dtypes,
+                                                             monkeypatch):
     """Where attention reads views cut to the longest context, the slots are sized to the requests'
     prompt plus max_tokens (up to twice the longest context), so they never grow as the sequences
     decode; each step attends over exactly its longest context."""
-    monkeypatch.setattr(TorchAttentionBackend, "sdpa_decode_dtypes", (torch.bfloat16,))
-    h = Harness(dtype=torch.bfloat16)
+    kernels(monkeypatch, sdpa_decode_dtypes, matmul_cut_view_dtypes)
+    h = Harness(dtype=dtype)
     assert h.mirror.cut_views
     # Contexts of 10 and 14 tokens; prompts of 22 and 26 with max_tokens 4: they reach 26 and 30.
     reqs = [request(i, n, h.pool, room=12) for i, n in enumerate([10, 14])]
@@ -141,11 +156,12 @@ def test_cut_views_size_slots_to_what_the_requests_can_reach(monkeypatch):
         plan = h.step(reqs)
         assert h.mirror.capacity == capacity and plan.join_slots is None
     assert plan.attend_len == reqs[1].num_computed_tokens  # the step's longest context, after it ran
-    # A budget too small for the reach falls back to GROWTH tokens of headroom.
-    small = Harness(dtype=torch.bfloat16, max_bytes=mirror().bytes_for(8, 2 * GROWTH))
-    long_ = [request(0, 3 * GROWTH // 2, small.pool, room=4 * GROWTH)]
-    small.step(long_)
-    assert small.mirror.capacity < 3 * GROWTH // 2 + 4 * GROWTH
+    # A budget too small for the reach (here twice the context: 96 positions) falls back to GROWTH tokens
+    # of headroom.
+    longest = 3 * GROWTH // 2
+    small = Harness(dtype=dtype, max_bytes=mirror(dtype=dtype).bytes_for(8, longest + GROWTH))
+    small.step([request(0, longest, small.pool, room=4 * GROWTH)])
+    assert small.mirror.capacity == longest + GROWTH
 
 
 def test_plan_appends_joins_and_repacks():
