@@ -35,7 +35,8 @@ def model_name(path: Path) -> str:
 
 def load_model(path: str | Path | None, dtype: torch.dtype) -> LoadedModel:
     """Load weights (as dtype, on CPU) and tokenizer; path None means the bundled SmolLM2-135M-Instruct."""
-    from engine.weights_gguf import gguf_metadata, load_gguf, open_gguf
+    from engine.gguf_header import read_gguf_header
+    from engine.weights_gguf import load_gguf
     from engine.weights_hf import load_hf_dir
 
     if dtype not in SUPPORTED_DTYPES:
@@ -49,10 +50,9 @@ def load_model(path: str | Path | None, dtype: torch.dtype) -> LoadedModel:
         config, tensors = load_hf_dir(path, dtype)
         return LoadedModel(config, tensors, Tokenizer.from_hf_dir(path), name)
     if path.suffix.lower() == ".gguf":
-        # One reader for weights and tokenizer: parsing a GGUF's vocabulary metadata takes seconds.
-        reader = open_gguf(path)
-        config, tensors = load_gguf(path, dtype, reader=reader)
-        tokenizer = Tokenizer.from_gguf(path, metadata=gguf_metadata(reader))
+        header = read_gguf_header(path)  # one read for weights and tokenizer
+        config, tensors = load_gguf(path, dtype, header=header)
+        tokenizer = Tokenizer.from_gguf(path, metadata=header.metadata)
         return LoadedModel(config, tensors, tokenizer, name)
     raise ModelLoadError(
         f"{path} is neither a Hugging Face model directory nor a .gguf file"

@@ -63,14 +63,14 @@ class Tokenizer:
 
     @classmethod
     def from_gguf(cls, path: str | Path, metadata: Mapping[str, Any] | None = None) -> Tokenizer:
-        """Tokenizer embedded in a GGUF file; `metadata` (from weights_gguf.gguf_metadata) saves re-reading it."""
+        """Tokenizer embedded in a GGUF file; `metadata` (a GGUFHeader's) saves re-reading it."""
         from transformers import AutoTokenizer
 
         path = Path(path)
         if metadata is None:
-            from engine.weights_gguf import gguf_metadata, open_gguf
+            from engine.gguf_header import read_gguf_header
 
-            metadata = gguf_metadata(open_gguf(path))
+            metadata = read_gguf_header(path).metadata
         from engine.tokenizer_cache import cached_gguf_tokenizer
 
         try:

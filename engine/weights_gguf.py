@@ -1,20 +1,20 @@
-"""Reads a llama.cpp GGUF file (any quantisation gguf-py can dequantise) into a config and HF-named tensors."""
+"""Reads a llama.cpp GGUF file (any quantisation gguf-py can dequantise) into a config and HF-named tensors.
+The header is read by engine/gguf_header.py, which steps over the vocabulary; gguf-py dequantises."""
 from __future__ import annotations
 
 import math
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
 from engine.errors import ModelLoadError
+from engine.gguf_dequant import dequantize
+from engine.gguf_header import GGUFHeader, GGUFTensor, read_gguf_header
 from engine.model_config import ModelConfig
 from engine.weights_hf import check_tensors
-
-if TYPE_CHECKING:
-    from gguf import GGUFReader
 
 # llama.cpp writes Mistral and Llama 1/2/3 alike under the "llama" architecture.
 SUPPORTED_ARCHITECTURES = ("llama",)
@@ -36,30 +36,6 @@ _LAYER_NAMES = {
     "ffn_down": "mlp.down_proj",
 }
 _LAYER_TENSOR = re.compile(r"blk\.(\d+)\.(\w+)\.weight")
-# Arrays this long are vocabularies and merge lists; parsing them into Python is slow and useless here.
-_MAX_METADATA_ARRAY = 1024
-
-
-def open_gguf(path: str | Path) -> GGUFReader:
-    """Opens (memory-maps) a GGUF file; reading its metadata takes seconds for a 49k-token vocabulary."""
-    from gguf import GGUFReader
-
-    try:
-        return GGUFReader(str(path))
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(f"cannot read GGUF file {path}: {e}") from e
-
-
-def gguf_metadata(reader: GGUFReader) -> dict[str, Any]:
-    """Key/value metadata as Python values, leaving out vocabulary-sized arrays."""
-    meta: dict[str, Any] = {}
-    for key, field in reader.fields.items():
-        if key.startswith("GGUF.") or len(field.data) > _MAX_METADATA_ARRAY:
-            continue
-        meta[key] = field.contents()
-    return meta
-
-
 def hf_name(gguf_name: str) -> str | None:
     """HF Llama name of a GGUF tensor, or None if it has no counterpart."""
     if gguf_name in _GLOBAL_NAMES:
@@ -81,20 +57,13 @@ def unpermute_rope_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-def _dequantize(tensor: Any) -> np.ndarray:
-    from gguf.quants import dequantize
-
+def _dequantize(tensor: GGUFTensor) -> torch.Tensor:
     try:
-        arr = dequantize(tensor.data, tensor.tensor_type)
+        values = dequantize(tensor.data, tensor.tensor_type)
     except NotImplementedError as e:
         raise ModelLoadError(f"tensor {tensor.name}: {e}") from e
     # GGUF lists dimensions fastest-first, torch slowest-first.
-    shape = tuple(int(d) for d in reversed(tensor.shape))
-    arr = arr.reshape(shape)
-    # F32 comes back as a view of the read-only memory map; torch needs its own writable copy.
-    if not arr.flags.writeable or np.may_share_memory(arr, tensor.data):
-        arr = np.array(arr, dtype=np.float32)
-    return arr
+    return values.reshape(tuple(int(d) for d in reversed(tensor.shape)))
 
 
 def _rope_scaling(meta: dict[str, Any], arch: str, rope_freqs: np.ndarray | None,
@@ -142,7 +111,7 @@ def _llama3_scaling_from_freq_factors(factors: np.ndarray, head_dim: int, theta:
     return s
 
 
-def _hf_config_dict(meta: dict[str, Any], reader: GGUFReader, tied: bool,
+def _hf_config_dict(meta: dict[str, Any], array_lengths: dict[str, int], tied: bool,
                     rope_freqs: np.ndarray | None) -> dict[str, Any]:
     a = meta.get("general.architecture")
     if a not in SUPPORTED_ARCHITECTURES:
@@ -161,8 +130,8 @@ def _hf_config_dict(meta: dict[str, Any], reader: GGUFReader, tied: bool,
     if rope_dim != head_dim:
         raise ModelLoadError(f"partial rotary embeddings (rope dim {rope_dim} of head dim {head_dim}) not supported")
     vocab = meta.get(f"{a}.vocab_size")
-    if vocab is None and "tokenizer.ggml.tokens" in reader.fields:
-        vocab = len(reader.fields["tokenizer.ggml.tokens"].data)
+    if vocab is None:
+        vocab = array_lengths.get("tokenizer.ggml.tokens")
     if vocab is None:
         raise ModelLoadError("GGUF metadata has neither a vocab_size nor a token list")
     theta = float(meta.get(f"{a}.rope.freq_base", 10000.0))
@@ -186,14 +155,14 @@ def _hf_config_dict(meta: dict[str, Any], reader: GGUFReader, tied: bool,
 
 
 def load_gguf(path: str | Path, dtype: torch.dtype,
-              reader: GGUFReader | None = None) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """Config and dequantised HF-named tensors (dtype, CPU) of a GGUF file; pass `reader` to reuse an open one."""
-    reader = reader if reader is not None else open_gguf(path)
-    meta = gguf_metadata(reader)
-    by_name = {t.name: t for t in reader.tensors}
-    rope_freqs = _dequantize(by_name["rope_freqs.weight"]) if "rope_freqs.weight" in by_name else None
+              header: GGUFHeader | None = None) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """Config and dequantised HF-named tensors (dtype, CPU) of a GGUF file; pass `header` to reuse one read."""
+    header = header if header is not None else read_gguf_header(path)
+    meta = header.metadata
+    by_name = {t.name: t for t in header.tensors}
+    rope_freqs = _dequantize(by_name["rope_freqs.weight"]).numpy() if "rope_freqs.weight" in by_name else None
     config = ModelConfig.from_hf_dict(
-        _hf_config_dict(meta, reader, tied="output.weight" not in by_name, rope_freqs=rope_freqs)
+        _hf_config_dict(meta, header.array_lengths, tied="output.weight" not in by_name, rope_freqs=rope_freqs)
     )
 
     tensors: dict[str, torch.Tensor] = {}
@@ -203,7 +172,7 @@ def load_gguf(path: str | Path, dtype: torch.dtype,
         name = hf_name(gname)
         if name is None:
             raise ModelLoadError(f"{path}: GGUF tensor {gname!r} has no place in the Llama architecture")
-        w = torch.from_numpy(_dequantize(t))
+        w = _dequantize(t)
         if name.endswith("q_proj.weight"):
             w = unpermute_rope_rows(w, config.num_attention_heads)
         elif name.endswith("k_proj.weight"):
