@@ -42,14 +42,26 @@ PROBE_ROWS = (1, 7)
 PROBE_BATCH = 64
 
 
+# Whether packing passed the probes, by (shape, dtype, threads): what the probes test (the products'
+# rounding, and whether a row depends on its batch) follows from the kernel oneDNN picks for a shape,
+# not from the weight's values, so each shape is probed once per process. Probing every weight took
+# 0.3-0.45 s of loading SmolLM2 (210 products, five shapes).
+_verdicts: dict[tuple[tuple[int, ...], torch.dtype, int], bool] = {}
+
+
 def _prepack(weight: torch.Tensor) -> torch.Tensor | None:
     if (weight.device.type != "cpu" or weight.dtype not in (torch.bfloat16, torch.float32)
             or not torch.backends.mkldnn.is_available()):
+        return None
+    key = (tuple(weight.shape), weight.dtype, torch.get_num_threads())
+    if _verdicts.get(key) is False:
         return None
     try:
         # 64: the row count the blocking is tuned for; measured on float32 against 1, 512 and 2048,
         # it was as fast as any at 1 and 2048 rows and the fastest at 16-64 (decode batches).
         packed = torch.ops.mkldnn._reorder_linear_weight(weight, 64)
+        if key in _verdicts:
+            return packed
         probe = torch.randn(PROBE_BATCH, weight.shape[1], dtype=weight.dtype,
                             generator=torch.Generator().manual_seed(0))
         batched = _packed_product(probe, packed)
@@ -57,22 +69,28 @@ def _prepack(weight: torch.Tensor) -> torch.Tensor | None:
     except (AttributeError, RuntimeError) as exc:  # a torch without these private oneDNN ops, or a CPU they refuse
         log.debug("oneDNN weight prepacking unavailable: %s", exc)
         return None
+    _verdicts[key] = _probe_passes(weight, probe, batched, alone)
+    return packed if _verdicts[key] else None
+
+
+def _probe_passes(weight: torch.Tensor, probe: torch.Tensor, batched: torch.Tensor,
+                  alone: list[torch.Tensor]) -> bool:
     reference = F.linear(probe, weight)
     if weight.dtype == torch.bfloat16:
         same = torch.equal(batched, reference)
     else:  # float32 sums in another order: equal to within rounding
         same = torch.allclose(batched, reference, rtol=1e-4, atol=1e-4 * float(reference.abs().max()))
     if not same:
-        return None
+        return False
     # A row's result should not depend on the rows batched with it (batched and lone outputs match).
     if all(torch.equal(a, batched[:len(a)]) for a in alone):
-        return packed
+        return True
     # Where F.linear keeps that property and the packed product does not, F.linear it is; where
     # neither does (float32 on that server CPU), the packed product is at least the faster.
     if all(torch.equal(F.linear(probe[:rows], weight), reference[:rows]) for rows in PROBE_ROWS):
         log.info("oneDNN prepacked products change with the batch on this CPU; using F.linear")
-        return None
-    return packed
+        return False
+    return True
 
 
 def _packed_product(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:

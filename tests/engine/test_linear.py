@@ -14,6 +14,13 @@ ONEDNN_BF16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
 ONEDNN = torch.backends.mkldnn.is_available()
 
 
+@pytest.fixture(autouse=True)
+def fresh_verdicts(monkeypatch):
+    """Each test probes its shapes itself: the verdicts of earlier tests (and engines) are set aside."""
+    import engine.linear as linear
+    monkeypatch.setattr(linear, "_verdicts", {})
+
+
 @pytest.mark.parametrize("rows", [1, 7, 64, 300])
 def test_prepacked_bf16_linear_equals_f_linear(rows):
     torch.manual_seed(rows)
@@ -65,3 +72,24 @@ def test_a_packed_product_that_changes_with_the_batch_is_not_used_where_f_linear
     assert (layer._packed is None) == f_linear_invariant
     if f_linear_invariant:
         assert torch.equal(layer(x[:7]), F.linear(x[:7], weight))
+
+
+@pytest.mark.skipif(not ONEDNN_BF16, reason="no oneDNN bfloat16 packing on this CPU")
+def test_each_shape_is_probed_once_and_its_verdict_holds_for_the_next_weights(monkeypatch):
+    import engine.linear as linear
+    probes = []
+    real = linear._probe_passes
+    monkeypatch.setattr(linear, "_probe_passes", lambda *a: probes.append(a[0].shape) or real(*a))
+    torch.manual_seed(0)
+    weights = [torch.randn(96, 40, dtype=torch.bfloat16) for _ in range(3)] + [torch.randn(40, 96, dtype=torch.bfloat16)]
+    layers = [Linear(w) for w in weights]
+    assert probes == [torch.Size([96, 40]), torch.Size([40, 96])]
+    assert all(layer._packed is not None for layer in layers)
+    x = torch.randn(7, 40, dtype=torch.bfloat16)
+    for layer, weight in zip(layers[:3], weights):  # packed on the first one's verdict, still F.linear's
+        assert torch.equal(layer(x), F.linear(x, weight))
+
+    monkeypatch.setattr(linear, "_probe_passes", lambda *a: probes.append(a[0].shape) or False)
+    refused = [Linear(torch.randn(64, 40, dtype=torch.bfloat16)) for _ in range(2)]
+    assert probes[2:] == [torch.Size([64, 40])]  # refused once, then not packed nor probed again
+    assert all(layer._packed is None and layer.weight is not None for layer in refused)
