@@ -1,5 +1,6 @@
 """Reads a llama.cpp GGUF file (any quantisation gguf-py can dequantise) into a config and HF-named tensors.
-The header is read by engine/gguf_header.py, which steps over the vocabulary; gguf-py dequantises."""
+The header is read by engine/gguf_header.py, which steps over the vocabulary, and engine/gguf_dequant.py
+dequantises (in torch for the common block types, with gguf-py for the rest)."""
 from __future__ import annotations
 
 import math
@@ -36,6 +37,8 @@ _LAYER_NAMES = {
     "ffn_down": "mlp.down_proj",
 }
 _LAYER_TENSOR = re.compile(r"blk\.(\d+)\.(\w+)\.weight")
+
+
 def hf_name(gguf_name: str) -> str | None:
     """HF Llama name of a GGUF tensor, or None if it has no counterpart."""
     if gguf_name in _GLOBAL_NAMES:
