@@ -3,7 +3,7 @@
 gguf-py's numpy dequantisation took 1.5 s of a 8.3 s `conserve chat` for the bundled SmolLM2 (Q4_1
 and Q8_0 blocks; 1.06 and 0.45 s). The same arithmetic as whole-tensor torch ops, in the same order
 of float32 operations (a product, then a sum, never fused), gives the same float32 values bit for bit
-(tests/engine/test_gguf_dequant.py checks it against gguf-py) in a fraction of the time."""
+(tests/engine/test_gguf_header.py checks it against gguf-py) in a fraction of the time."""
 from __future__ import annotations
 
 from typing import Any
