@@ -78,7 +78,7 @@ def main() -> int:
         "workload": {"num_prompts": args.num_prompts, "input_len": args.input_len,
                      "output_len": args.output_len, "dtype": args.dtype, "greedy": True, "ignore_eos": True,
                      "model": gguf_name or model_dir, "device": args.device,
-                     "decode_graphs": args.decode_graphs},
+                     "decode_graphs": args.decode_graphs, "native_decode": args.native_decode},
         "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                     "torch": torch.__version__,
                     "transformers": importlib.metadata.version("transformers"), "python": platform.python_version(),
@@ -168,6 +168,8 @@ def _parse_args() -> argparse.Namespace:
     p.add_argument("--model", help="HF directory or .gguf file (default: the bundled SmolLM2 GGUF)")
     p.add_argument("--decode-graphs", choices=("auto", "on", "off"), default="auto",
                    help="the engine's decode CUDA graphs (auto: on CUDA only)")
+    p.add_argument("--native-decode", choices=("auto", "on", "off"), default="auto",
+                   help="the engine's compiled paged decode-attention kernel (auto: on CPU where it builds)")
     p.add_argument("--repeats", type=int, default=3,
                    help="rounds; each times every system once, and each system's median run is reported")
     p.add_argument("--vllm-python", help="python of an environment with vLLM (see shared/tools/vllm-peer-setup.sh)")
@@ -290,7 +292,8 @@ class EngineSystem:
         # A 1 GiB pool on every device (the CPU's default) holds the whole workload at once; on CUDA the
         # default would take most of the card, and its host checkpoint store twice that in pinned memory.
         self.engine = Engine(EngineConfig(model=args.model, dtype=args.dtype, device=args.device,
-                                          kv_cache_bytes=1 << 30, decode_graphs=args.decode_graphs))
+                                          kv_cache_bytes=1 << 30, decode_graphs=args.decode_graphs,
+                                          native_decode=args.native_decode))
         self.prompts = prompts
         try:
             self.engine.generate(prompts[:WARMUP_PROMPTS],

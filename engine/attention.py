@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from engine.config import cpu_has_amx
 from engine.decode_mirror import MirrorPlan
+from engine.native_kernels import PagedDecodeAttention
 
 
 @dataclass
@@ -42,6 +43,11 @@ class AttentionMetadata:
     # Set when the decodes read their context from the decode mirror (engine/decode_mirror.py) instead of
     # gathering it by decode_blocks (then None).
     mirror: MirrorPlan | None = None
+    # Set instead of all of the above when the decodes attend with the native paged kernel
+    # (engine/native_kernels.py), which reads the pool itself: int32 [num_decodes, width] block numbers
+    # (padded with block 0, never read) and int32 [num_decodes] context lengths.
+    decode_tables: torch.Tensor | None = None
+    decode_lens: torch.Tensor | None = None
     prefill_groups: list[PrefillGroup] = field(default_factory=list)
 
 
@@ -66,6 +72,11 @@ class AttentionBackend(ABC):
     def mirror_cut_views(self, device: torch.device, dtype: torch.dtype) -> bool:
         """Whether decodes over the decode mirror read its keys and values cut to the batch's longest
         context (DecodeMirror's cut_views) rather than over its whole capacity."""
+        return False
+
+    def native_decode(self, device: torch.device, dtype: torch.dtype) -> bool:
+        """Whether decodes on `device` in `dtype` attend with a kernel that reads the pool through block
+        tables (AttentionMetadata.decode_tables), which needs neither the decode mirror nor a gather."""
         return False
 
 
@@ -142,8 +153,11 @@ class TorchAttentionBackend(AttentionBackend):
     # Dtypes whose decodes on the matmuls read the mirror cut to the longest context (cpu_matmul_cut_view_dtypes).
     matmul_cut_view_dtypes: tuple[torch.dtype, ...] = cpu_matmul_cut_view_dtypes()
 
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, block_size: int):
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, block_size: int,
+                 native: PagedDecodeAttention | None = None):
         self.num_heads = num_heads
+        # The compiled paged decode kernel, used for CPU decodes in the dtypes it has (native_decode).
+        self.native = native
         self.block_size = block_size
         self.num_kv_heads = num_kv_heads
         self.group = num_heads // num_kv_heads
@@ -160,10 +174,16 @@ class TorchAttentionBackend(AttentionBackend):
         cpu = device.type == "cpu"
         prefill = ("sdpa" if cpu and dtype in self.sdpa_prefill_dtypes
                    else f"sdpa from {self.sdpa_min_chunk} new tokens, matmuls below")
+        if self.native_decode(device, dtype):
+            return f"prefill: {prefill}; decode: native paged kernel"
         decode = "sdpa" if cpu and dtype in self.sdpa_decode_dtypes else "matmuls"
         if self.mirror_cut_views(device, dtype):
             decode += ", cut to the longest context"
         return f"prefill: {prefill}; decode over the mirror: {decode}"
+
+    def native_decode(self, device: torch.device, dtype: torch.dtype) -> bool:
+        return (self.native is not None and device.type == "cpu" and dtype == self.native.dtype
+                and self.native.supports(dtype, self.num_heads, self.num_kv_heads, self.head_dim))
 
     def mirror_cut_views(self, device: torch.device, dtype: torch.dtype) -> bool:
         # scaled_dot_product_attention takes the strided views at a contiguous tensor's speed, and so do
@@ -174,7 +194,11 @@ class TorchAttentionBackend(AttentionBackend):
         key_cache.index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
         value_cache.index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
         parts = []
-        if meta.mirror is not None:
+        if meta.decode_tables is not None:
+            b = meta.num_decodes
+            parts.append(self.native(q[:b], key_cache, value_cache, meta.decode_tables, meta.decode_lens,
+                                     self.block_size, self.scale))
+        elif meta.mirror is not None:
             b = meta.num_decodes
             parts.append(self._attend_mirror(q[:b], k[:b], v[:b], key_cache, value_cache, meta.mirror, layer))
         elif meta.num_decodes:

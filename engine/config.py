@@ -35,6 +35,11 @@ class EngineConfig:
     # "on", which on a CPU runs the graphs' padded static-buffer path eagerly (to test it; no faster
     # there). With graphs on, the decode mirror is off; "auto" yields to a mirror asked for explicitly.
     decode_graphs: str = "auto"
+    # Decode attention by the compiled paged kernel (engine/native_kernels.py), which reads the pool in
+    # place: "auto" on CPU where it builds (a C compiler) and has a kernel for the model's head size and
+    # dtype, unless the decode mirror or graphs are asked for explicitly (it replaces the one and
+    # excludes the other); "on" requires it; "off" keeps PyTorch's path.
+    native_decode: str = "auto"
     # ---- co-serving (engine/policy.py names the policies) ----
     policy: str = "conserve"           # "online-only", "fcfs", "priority" or "conserve"
     slo_ttft_ms: float = 1000.0        # online time-to-first-token target
@@ -74,6 +79,11 @@ class EngineConfig:
         if self.decode_graphs == "on" and self.decode_mirror_bytes:
             raise InvalidRequestError("decode_graphs='on' and a decode mirror exclude each other; set "
                                       "decode_mirror_bytes=0 or decode_graphs to 'auto' or 'off'")
+        if self.native_decode not in ("auto", "on", "off"):
+            raise InvalidRequestError(f"native_decode must be 'auto', 'on' or 'off', got {self.native_decode!r}")
+        if self.native_decode == "on" and (self.decode_mirror_bytes or self.decode_graphs == "on"):
+            raise InvalidRequestError("native_decode='on' excludes the decode mirror and decode graphs; set "
+                                      "decode_mirror_bytes=0 and decode_graphs to 'auto' or 'off'")
         if self.preemption_mode not in PREEMPTION_MODES:
             raise InvalidRequestError(f"preemption_mode must be one of {', '.join(PREEMPTION_MODES)}, "
                                       f"got {self.preemption_mode!r}")

@@ -23,6 +23,7 @@ from engine.kv_cache import BlockPool, KVCache, kv_bytes_per_block
 from engine.loader import LoadedModel, load_model
 from engine.model import LlamaModel
 from engine.model_runner import ModelRunner, ParkedStep
+from engine.native_kernels import NativeBuildError, PagedDecodeAttention, paged_decode_attention
 from engine.output import RequestMetrics, RequestOutput, RequestStream
 from engine.policy import Policy
 from engine.profiler import check_shapes, device_key, load_or_profile, profile_cost_model, time_check_steps
@@ -139,7 +140,7 @@ class Engine:
         # and read it, and no request ever owns it.
         self.kv_cache = KVCache(mc, num_blocks + (1 if graphs else 0), config.block_size, dtype, self.device)
         backend = TorchAttentionBackend(mc.num_attention_heads, mc.num_key_value_heads, mc.head_dim,
-                                        config.block_size)
+                                        config.block_size, self._native_decode(mc, dtype, graphs))
         model = LlamaModel(mc, loaded.tensors, backend, self.max_model_len, dtype, self.device)
         loaded.tensors.clear()  # the model holds its own (fused, converted) copies
         if graphs:
@@ -148,7 +149,8 @@ class Engine:
                 max_context=min(self.max_model_len, GRAPHS_MAX_CONTEXT), device=self.device,
                 capture=self.device.type == "cuda", max_gather_bytes=GRAPHS_MAX_GATHER_BYTES))
         else:
-            mirror = self._decode_mirror(mc, num_blocks, dtype, backend.mirror_cut_views(self.device, dtype))
+            mirror = (None if backend.native_decode(self.device, dtype)
+                      else self._decode_mirror(mc, num_blocks, dtype, backend.mirror_cut_views(self.device, dtype)))
             self.runner = ModelRunner(model, self.kv_cache, self.device, mirror)
         self.policy = Policy.parse(config.policy)
         cost_model = None
@@ -177,6 +179,26 @@ class Engine:
         self._stats = EngineStats(num_free_blocks=num_blocks, num_total_blocks=num_blocks)
         self._trace = StepTrace(config.step_trace) if config.step_trace else None
         self._started = time.monotonic()
+
+    def _native_decode(self, mc, dtype: torch.dtype, graphs: bool) -> PagedDecodeAttention | None:
+        """The compiled paged decode kernel where config.native_decode wants it and it can serve."""
+        mode = self.config.native_decode
+        if mode == "off" or (mode == "auto" and (graphs or self.config.decode_mirror_bytes)):
+            return None
+        fits = self.device.type == "cpu" and PagedDecodeAttention.supports(
+            dtype, mc.num_attention_heads, mc.num_key_value_heads, mc.head_dim)
+        if not fits:
+            if mode == "on":
+                raise InvalidRequestError(
+                    f"native_decode='on': no native kernel for {self.device.type}, {dtype}, head size "
+                    f"{mc.head_dim}, {mc.num_attention_heads} heads over {mc.num_key_value_heads} KV heads")
+            return None
+        try:
+            return paged_decode_attention(dtype, mc.head_dim)
+        except NativeBuildError as e:
+            if mode == "on":
+                raise InvalidRequestError(f"native_decode='on': {e}") from e
+            return None
 
     def _decode_mirror(self, mc, num_blocks: int, dtype: torch.dtype, cut_views: bool) -> DecodeMirror | None:
         """The decode mirror, on CPU by default: there it spares every decode step its gather. On CUDA the

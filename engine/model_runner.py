@@ -57,6 +57,9 @@ class ModelRunner:
         self.block_size = kv_cache.block_size
         self.device = device
         self._bias_dtype = model.backend.bias_dtype(kv_cache.keys[0].dtype)
+        self._native_decode = model.backend.native_decode(device, kv_cache.keys[0].dtype)
+        if mirror is not None and self._native_decode:
+            raise ValueError("the native decode kernel reads the pool; a decode mirror would only cost memory")
 
     @torch.inference_mode()
     def execute(self, chunks: list[ScheduledChunk],
@@ -191,7 +194,14 @@ class ModelRunner:
         )
 
     def _gather_decodes(self, meta: AttentionMetadata, requests: list[Request], lengths: list[int]) -> None:
-        """Decodes attend over their blocks gathered from the pool (decode_blocks, decode_bias)."""
+        """Decodes attend over their blocks gathered from the pool (decode_blocks, decode_bias), or read
+        them in place with the native kernel (decode_tables, decode_lens)."""
+        if self._native_decode:
+            tables = [r.block_ids[: blocks_for(n, self.block_size)] for r, n in zip(requests, lengths)]
+            width = max(len(t) for t in tables)
+            meta.decode_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
+            meta.decode_lens = torch.tensor(lengths, dtype=torch.int32)
+            return
         meta.decode_blocks, keys = self._block_tables(requests, lengths)
         hidden = torch.arange(keys, device=self.device).unsqueeze(0) >= torch.tensor(lengths, device=self.device).unsqueeze(1)
         meta.decode_bias = self._bias(hidden).view(1, len(requests), 1, 1, keys)

@@ -10,7 +10,7 @@ import sys
 from typing import Any
 
 ENGINE_FLAGS = ("model", "served_model_name", "device", "dtype", "policy", "slo_ttft_ms", "slo_tpot_ms",
-                "kv_cache_bytes", "checkpoint_bytes", "decode_mirror_bytes", "decode_graphs", "max_num_seqs",
+                "kv_cache_bytes", "checkpoint_bytes", "decode_mirror_bytes", "decode_graphs", "native_decode", "max_num_seqs",
                 "max_model_len")
 
 
@@ -66,10 +66,14 @@ def _engine_flags(p: argparse.ArgumentParser) -> None:
                         "between the GPUs seen; 0 turns it off)")
     p.add_argument("--decode-mirror-bytes", type=int,
                    help="CPU decode mirror, a contiguous copy of decoding sequences' KV (default: twice the KV "
-                        "cache, at most 20%% of RAM, on CPU; off on CUDA; 0 turns it off)")
+                        "cache, at most 20%% of RAM, on CPU where the native decode kernel is off; off on CUDA; "
+                        "0 turns it off)")
     p.add_argument("--decode-graphs", choices=("auto", "on", "off"),
                    help="replay decode steps from CUDA graphs (default auto: on CUDA, unless a decode mirror "
                         "is asked for)")
+    p.add_argument("--native-decode", choices=("auto", "on", "off"),
+                   help="decode attention by a C kernel built with this machine's compiler, reading the KV pool "
+                        "in place (default auto: on CPU where it builds, unless a decode mirror is asked for)")
     p.add_argument("--max-num-seqs", type=int, help="most requests running at once (default 128)")
     p.add_argument("--max-model-len", type=int, help="context length cap (default: the model's)")
 

@@ -25,7 +25,7 @@ def build_engine(settings: WorkerSettings):
                                slo_tpot_ms=settings.slo_tpot_ms, kv_cache_bytes=settings.kv_cache_bytes,
                                checkpoint_bytes=settings.checkpoint_bytes,
                                decode_mirror_bytes=settings.decode_mirror_bytes,
-                               decode_graphs=settings.decode_graphs,
+                               decode_graphs=settings.decode_graphs, native_decode=settings.native_decode,
                                max_num_seqs=settings.max_num_seqs, max_model_len=settings.max_model_len,
                                profile_seconds=settings.profile_seconds,
                                profile_cache_dir=settings.profile_cache_dir))

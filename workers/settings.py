@@ -35,8 +35,10 @@ class WorkerSettings(BaseSettings):
     slo_tpot_ms: float = 100.0
     kv_cache_bytes: int | None = None
     checkpoint_bytes: int | None = None   # host KV checkpoint store (default: twice the KV cache, <= 40% of RAM over the GPUs seen)
-    decode_mirror_bytes: int | None = None  # CPU decode mirror cap (default: twice the KV cache, <= 20% of RAM; 0: off)
+    decode_mirror_bytes: int | None = None  # CPU decode mirror cap (default: twice the KV cache, <= 20% of RAM,
+                                            # where the native decode kernel is off; 0: off)
     decode_graphs: str = "auto"           # decode steps from CUDA graphs: auto (on CUDA), on, off
+    native_decode: str = "auto"           # compiled paged decode-attention kernel: auto (on CPU where it builds), on, off
     max_num_seqs: int = 128
     max_model_len: int | None = None
     profile_seconds: float = 5.0          # step-latency profiling at first start (then cached per model/device)
