@@ -191,6 +191,11 @@ class TorchAttentionBackend(AttentionBackend):
         return device.type == "cpu" and (dtype in self.sdpa_decode_dtypes or dtype in self.matmul_cut_view_dtypes)
 
     def forward(self, q, k, v, key_cache, value_cache, meta, layer):
+        if meta.decode_tables is not None and not meta.prefill_groups:
+            # Decodes alone: the native kernel writes each sequence's new key and value itself, a row per
+            # thread, instead of two index_copy_ calls over the batch (50 us each in a batch-64 step).
+            return self.native(q, key_cache, value_cache, meta.decode_tables, meta.decode_lens, self.block_size,
+                               self.scale, k, v, meta.slot_mapping)
         key_cache.index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
         value_cache.index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
         parts = []

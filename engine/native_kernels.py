@@ -95,7 +95,8 @@ class PagedDecodeAttention:
         fn.restype = ctypes.c_int
         fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
                        ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int,
-                       ctypes.c_int, ctypes.c_float, ctypes.c_void_p, ctypes.c_int]
+                       ctypes.c_int, ctypes.c_float, ctypes.c_void_p, ctypes.c_int,
+                       ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
         self._fn = fn
 
     @staticmethod
@@ -104,13 +105,16 @@ class PagedDecodeAttention:
                 and num_heads % num_kv_heads == 0 and num_heads // num_kv_heads <= MAX_GROUP)
 
     def __call__(self, q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, tables: torch.Tensor,
-                 lens: torch.Tensor, block_size: int, scale: float) -> torch.Tensor:
+                 lens: torch.Tensor, block_size: int, scale: float, new_keys: torch.Tensor | None = None,
+                 new_values: torch.Tensor | None = None, slots: torch.Tensor | None = None) -> torch.Tensor:
         """q [b, heads, d] (its rows may lie any stride apart, its heads must be contiguous); caches
         [kv_heads, slots, d]; tables [b, width] and lens [b], int32: each sequence's blocks and context
-        length (its new token included, already written to the caches). Returns [b, heads * d]. All on
-        the CPU, q in the caches' dtype, the rest contiguous."""
+        length, its new token included. That token's key and value are either in the caches already, or
+        given as new_keys and new_values [b, kv_heads, d] (rows any stride apart) with their int64 cache
+        slots [b], and written by the kernel. Returns [b, heads * d]. All on the CPU, q in the caches'
+        dtype, the rest contiguous."""
         b, heads, d = q.shape
-        kv_heads, slots = key_cache.shape[0], key_cache.shape[1]
+        kv_heads, num_slots = key_cache.shape[0], key_cache.shape[1]
         if not (q.stride(2) == 1 and q.stride(1) == d and key_cache.is_contiguous() and value_cache.is_contiguous()
                 and tables.is_contiguous() and lens.is_contiguous()):
             raise ValueError("paged_decode_attention needs contiguous heads, caches, tables and lengths")
@@ -118,10 +122,20 @@ class PagedDecodeAttention:
                 q.dtype == key_cache.dtype == value_cache.dtype == self.dtype) or d != self.head_dim:
             raise ValueError(f"this paged_decode_attention serves {self.dtype} heads of {self.head_dim} with int32 "
                              f"tables and lengths; got {q.dtype} heads of {d}")
+        writes = (0, 0, 0, 0, 0)
+        if new_keys is not None:
+            for new in (new_keys, new_values):
+                if new.shape != (b, kv_heads, d) or new.dtype != self.dtype or new.stride(2) != 1 or new.stride(1) != d:
+                    raise ValueError(f"new keys and values must be [{b}, {kv_heads}, {d}] in {self.dtype}, "
+                                     f"heads contiguous")
+            if slots.dtype != torch.int64 or slots.shape != (b,) or not slots.is_contiguous():
+                raise ValueError("slots must be a contiguous int64 tensor, one per sequence")
+            writes = (new_keys.data_ptr(), new_keys.stride(0), new_values.data_ptr(), new_values.stride(0),
+                      slots.data_ptr())
         out = torch.empty(b, heads * d, dtype=q.dtype)
-        rc = self._fn(q.data_ptr(), q.stride(0), key_cache.data_ptr(),
-                      value_cache.data_ptr(), slots, tables.data_ptr(), tables.shape[1], lens.data_ptr(), b, heads,
-                      kv_heads, block_size, scale, out.data_ptr(), torch.get_num_threads())
+        rc = self._fn(q.data_ptr(), q.stride(0), key_cache.data_ptr(), value_cache.data_ptr(), num_slots,
+                      tables.data_ptr(), tables.shape[1], lens.data_ptr(), b, heads, kv_heads, block_size, scale,
+                      out.data_ptr(), torch.get_num_threads(), *writes)
         if rc != 0:
             raise RuntimeError(f"paged_decode_attention failed ({rc}): "
                                + ("no kernel for this group size" if rc == -1 else "out of memory for its scratch"))

@@ -115,6 +115,28 @@ def test_a_sequence_gets_the_same_bits_alone_in_any_batch_and_on_any_number_of_t
 
 
 @cpu_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_writes_the_new_keys_and_values_it_is_given_before_reading_them(dtype):
+    kernel = _kernel(dtype, 64)
+    lens = [1, 17, 40, 300]
+    q, keys, values, tables, padded, lens_t = _case(dtype, 64, 9, 3, 16, lens, seed=5)
+    written = kernel(q, keys, values, padded, lens_t, 16, 0.125)
+    # Each sequence's last position, as the model hands it over: rows of a wider tensor, the pool's copy
+    # poisoned until the kernel writes it.
+    slots = torch.tensor([t[(n - 1) // 16] * 16 + (n - 1) % 16 for t, n in zip(tables, lens)])
+    wide = torch.zeros(len(lens), 2, 3 + 5, 64, dtype=dtype)
+    new_keys, new_values = wide[:, 0, 2:5], wide[:, 1, 1:4]
+    new_keys.copy_(keys[:, slots].transpose(0, 1))
+    new_values.copy_(values[:, slots].transpose(0, 1))
+    keys[:, slots] = float("nan")
+    values[:, slots] = float("nan")
+    got = kernel(q, keys, values, padded, lens_t, 16, 0.125, new_keys, new_values, slots)
+    assert torch.equal(got, written)
+    assert torch.equal(keys[:, slots].transpose(0, 1), new_keys)
+    assert torch.equal(values[:, slots].transpose(0, 1), new_values)
+
+
+@cpu_only
 def test_refuses_tensors_it_was_not_built_for():
     kernel = _kernel(torch.float32, 64)
     q, keys, values, _, padded, lens = _case(torch.float32, 64, 4, 2, 8, [5, 9])
