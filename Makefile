@@ -15,7 +15,7 @@ PYTEST_ARGS ?=
 BENCH_ARGS ?=
 COSERVE_ARGS ?=
 
-.PHONY: install browser run test bench bench-coserve clean
+.PHONY: install browser compiler run test bench bench-coserve clean
 
 install: $(STAMP)
 
@@ -38,7 +38,13 @@ browser:
 	command -v chromium >/dev/null || $(SUDO) apt-get install -y chromium || \
 		($(SUDO) apt-get update && $(SUDO) apt-get install -y chromium)
 
-test: install browser
+# The engine builds its CPU decode-attention kernel with the machine's C compiler (engine/native_kernels.py)
+# and falls back to PyTorch's path without one; the tests check the kernel, so they get one.
+compiler:
+	command -v cc >/dev/null || command -v gcc >/dev/null || $(SUDO) apt-get install -y gcc || \
+		($(SUDO) apt-get update && $(SUDO) apt-get install -y gcc)
+
+test: install browser compiler
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 bench: install
