@@ -197,9 +197,7 @@ class ModelRunner:
         """Decodes attend over their blocks gathered from the pool (decode_blocks, decode_bias), or read
         them in place with the native kernel (decode_tables, decode_lens)."""
         if self._native_decode:
-            tables = [r.block_ids[: blocks_for(n, self.block_size)] for r, n in zip(requests, lengths)]
-            width = max(len(t) for t in tables)
-            meta.decode_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
+            meta.decode_tables = torch.tensor(self._padded_block_ids(requests, lengths), dtype=torch.int32)
             meta.decode_lens = torch.tensor(lengths, dtype=torch.int32)
             return
         meta.decode_blocks, keys = self._block_tables(requests, lengths)
@@ -209,10 +207,15 @@ class ModelRunner:
     def _block_tables(self, requests: list[Request], context_lens: list[int]) -> tuple[torch.Tensor, int]:
         """Cache rows to gather (AttentionMetadata.decode_blocks) for each request's first context_lens
         tokens, padded to the longest with block 0 (hidden by the bias); and the key positions covered."""
+        tables = self._padded_block_ids(requests, context_lens)
+        flat = torch.tensor([b for t in tables for b in t], device=self.device)
+        return (self.kv_cache.head_offsets + flat).flatten(), len(tables[0]) * self.block_size
+
+    def _padded_block_ids(self, requests: list[Request], context_lens: list[int]) -> list[list[int]]:
+        """Each request's blocks holding its first context_lens tokens, padded with block 0 to the longest."""
         tables = [r.block_ids[: blocks_for(n, self.block_size)] for r, n in zip(requests, context_lens)]
         width = max(len(t) for t in tables)
-        flat = torch.tensor([b for t in tables for b in t + [0] * (width - len(t))], device=self.device)
-        return (self.kv_cache.head_offsets + flat).flatten(), width * self.block_size
+        return [t + [0] * (width - len(t)) for t in tables]
 
     def _bias(self, hidden: torch.Tensor) -> torch.Tensor:
         return torch.zeros(hidden.shape, dtype=self._bias_dtype, device=self.device).masked_fill_(hidden, float("-inf"))

@@ -36,6 +36,10 @@ MAX_GROUP = 8
 COMPILE_TIMEOUT_S = 120
 
 
+def _has_kernel(dtype: torch.dtype, head_dim: int) -> bool:
+    return dtype in DTYPE_SWITCH and head_dim % 16 == 0 and 0 < head_dim <= MAX_HEAD_DIM
+
+
 class NativeBuildError(RuntimeError):
     """The kernels could not be compiled or loaded here."""
 
@@ -101,8 +105,8 @@ class PagedDecodeAttention:
 
     @staticmethod
     def supports(dtype: torch.dtype, num_heads: int, num_kv_heads: int, head_dim: int) -> bool:
-        return (dtype in DTYPE_SWITCH and head_dim % 16 == 0 and 0 < head_dim <= MAX_HEAD_DIM
-                and num_heads % num_kv_heads == 0 and num_heads // num_kv_heads <= MAX_GROUP)
+        return (_has_kernel(dtype, head_dim) and num_heads % num_kv_heads == 0
+                and num_heads // num_kv_heads <= MAX_GROUP)
 
     def __call__(self, q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, tables: torch.Tensor,
                  lens: torch.Tensor, block_size: int, scale: float, new_keys: torch.Tensor | None = None,
@@ -151,7 +155,7 @@ def paged_decode_attention(dtype: torch.dtype, head_dim: int, cache_dir: Path | 
     s) and then loaded from the cache. Raises NativeBuildError where it cannot be had; the result,
     either way, is remembered for the process."""
     cache_dir = Path(cache_dir) if cache_dir is not None else cache_root() / "native"
-    if dtype not in DTYPE_SWITCH or head_dim % 16 or not 0 < head_dim <= MAX_HEAD_DIM:
+    if not _has_kernel(dtype, head_dim):
         raise NativeBuildError(f"no native decode kernel for {dtype} heads of {head_dim}")
     key = (cache_dir, dtype, head_dim)
     with _lock:

@@ -32,7 +32,7 @@ def _case(dtype, head_dim, heads, kv_heads, block_size, lens, seed=0, num_blocks
     widths = [-(-n // block_size) for n in lens]
     num_blocks = num_blocks or sum(widths) + 7
     order = torch.randperm(num_blocks, generator=g).tolist()
-    tables, used = [], []
+    tables = []
     for w in widths:
         tables.append(order[:w])
         order = order[w:]
