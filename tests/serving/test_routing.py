@@ -9,7 +9,18 @@ import httpx
 import openai
 import pytest
 
-from stack import MODEL_NAME, GatewayThread, gateway_settings
+from stack import MODEL_NAME, GatewayThread, gateway_settings, save_tiny_chat_model
+
+# Streams these tests hold open or abandon must still be generating when the test acts on them. At the
+# usual 512-token context the tiny model streams 480 tokens in about 1.3 s, and on a loaded CI machine the
+# request meant to be refused took 2 s, as long as a whole generation: a held stream had already ended and
+# freed its slot. 3,000 tokens take several seconds; a stream the test closes is aborted long before its end.
+LONG_STREAM_TOKENS = 3000
+
+
+@pytest.fixture(scope="module")
+def chat_model_dir(tmp_path_factory):
+    return save_tiny_chat_model(tmp_path_factory.mktemp("long-context-chat"), context=2 * LONG_STREAM_TOKENS)
 
 
 @pytest.fixture(scope="module")
@@ -71,22 +82,22 @@ def test_concurrent_requests_use_both_workers(gateway, two_workers):
 def test_client_leaving_a_stream_aborts_the_request_on_the_worker(gateway, two_workers):
     aborted_before = sum(finished_requests(w.url, "abort") for w in two_workers)
     tokens_before = online_tokens_generated(two_workers)
-    body = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "hello"}], "max_tokens": 480,
-            "ignore_eos": True, "stream": True}
+    body = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "hello"}],
+            "max_tokens": LONG_STREAM_TOKENS, "ignore_eos": True, "stream": True}
     with httpx.stream("POST", f"{gateway.url}/v1/chat/completions", json=body, timeout=30) as resp:
         lines = resp.iter_lines()
         assert next(lines).startswith("data: ")
-    wait_for_abort(two_workers, aborted_before, tokens_before, 480)
+    wait_for_abort(two_workers, aborted_before, tokens_before, LONG_STREAM_TOKENS)
 
 
 def test_client_leaving_a_non_streaming_request_aborts_it_too(gateway, two_workers):
     aborted_before = sum(finished_requests(w.url, "abort") for w in two_workers)
     tokens_before = online_tokens_generated(two_workers)
-    body = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "hello"}], "max_tokens": 480,
-            "ignore_eos": True}
+    body = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "hello"}],
+            "max_tokens": LONG_STREAM_TOKENS, "ignore_eos": True}
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{gateway.url}/v1/chat/completions", json=body, timeout=httpx.Timeout(5, read=0.1))
-    wait_for_abort(two_workers, aborted_before, tokens_before, 480)
+    wait_for_abort(two_workers, aborted_before, tokens_before, LONG_STREAM_TOKENS)
 
 
 def test_metrics_expose_request_histograms_and_worker_gauges(gateway, two_workers):
@@ -118,11 +129,15 @@ def test_requests_beyond_every_workers_capacity_get_429_at_once(database_url, br
                                        max_inflight_per_worker=1)).start()
     try:
         g.wait_for_workers(2)
-        body = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "hello"}], "max_tokens": 480,
-                "ignore_eos": True, "stream": True}
+        body = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "hello"}],
+                "max_tokens": LONG_STREAM_TOKENS, "ignore_eos": True, "stream": True}
         with httpx.stream("POST", f"{g.url}/v1/chat/completions", json=body, timeout=30) as first, \
                 httpx.stream("POST", f"{g.url}/v1/chat/completions", json=body, timeout=30) as second:
             assert first.status_code == second.status_code == 200
+            # Both are generating, each holding its worker's only slot. The line iterators are kept: one
+            # dropped mid-stream closes the connection, and the gateway frees the slot of a client that left.
+            lines = [first.iter_lines(), second.iter_lines()]
+            assert all(next(it).startswith("data: ") for it in lines)
             started = time.monotonic()
             third = httpx.post(f"{g.url}/v1/chat/completions", json=body | {"stream": False}, timeout=30)
             assert time.monotonic() - started < 2
