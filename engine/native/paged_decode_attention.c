@@ -14,7 +14,7 @@
  * Each (sequence, KV head) is computed by one thread in one fixed order, so a sequence's result depends
  * neither on the batch it is in nor on the number of threads.
  *
- * Written with GCC's vector extensions (16 float32 lanes) so that it builds for any CPU with
+ * Written with GCC's vector extensions (the vector width set below) so that it builds for any CPU with
  * -march=native (the compiler maps the lanes onto AVX-512, AVX2 or NEON); where the CPU has AVX-512
  * BF16, bfloat16 keys and values go through its dot-product instruction instead of being widened. */
 #include <stdint.h>
@@ -34,8 +34,15 @@
 #define USE_DPBF16 0
 #endif
 
+/* The machine's own vector width: 16 float32 lanes with AVX-512, else 8 (AVX2, NEON pairs). Wider
+ * vectors than the registers build, but the compiler then moves every one through memory: on a 2-core
+ * Zen 3 (AVX2) the 16-lane build ran SmolLM2's float32 batch-64 decodes at 4.1 ms per layer. */
+#if defined(__AVX512F__)
 #define LANES 16
-#define CHUNK 16        /* keys scored at a time: one vector of scores */
+#else
+#define LANES 8
+#endif
+#define CHUNK LANES     /* keys scored at a time: one vector of scores */
 /* Chunks of keys fetched ahead of the one being scored: a sequence's blocks lie anywhere in the pool,
  * and the hardware's prefetcher starts over at every block. Measured on a 2-core Zen 4 (SmolLM2, bf16,
  * throughput.py's workload, one engine alternating libraries run by run): batch-64 decode steps
@@ -45,19 +52,19 @@
 #define KEY_PREFETCH_CHUNKS 1
 #endif
 
-typedef float v16f __attribute__((vector_size(64)));
-typedef uint32_t v16u __attribute__((vector_size(64)));
-typedef int32_t v16i __attribute__((vector_size(64)));
-typedef uint16_t v16h __attribute__((vector_size(32)));
+typedef float vf __attribute__((vector_size(LANES * 4)));
+typedef uint32_t vu __attribute__((vector_size(LANES * 4)));
+typedef int32_t vi __attribute__((vector_size(LANES * 4)));
+typedef uint16_t vh __attribute__((vector_size(LANES * 2)));
 
-static inline v16f load_bf16(const uint16_t *p) {
-    v16h h;
+static inline vf load_bf16(const uint16_t *p) {
+    vh h;
     memcpy(&h, p, sizeof h);
-    return (v16f)(__builtin_convertvector(h, v16u) << 16);
+    return (vf)(__builtin_convertvector(h, vu) << 16);
 }
 
-static inline v16f load_f32(const float *p) {
-    v16f f;
+static inline vf load_f32(const float *p) {
+    vf f;
     memcpy(&f, p, sizeof f);
     return f;
 }
@@ -84,23 +91,23 @@ typedef float elem_t;
 #endif
 
 /* Lane-wise "where mask, a, else b" (C has no vector conditional operator). */
-static inline v16f lane_select(v16i mask, v16f a, v16f b) {
-    return (v16f)(((v16i)a & mask) | ((v16i)b & ~mask));
+static inline vf lane_select(vi mask, vf a, vf b) {
+    return (vf)(((vi)a & mask) | ((vi)b & ~mask));
 }
 
 /* exp(x) for x <= 0 (scores less their maximum), lane-wise, without libm (whose vector variants need
  * -ffast-math, which would also assume there are no infinities): 2^n times a degree-6 polynomial on
  * |r| <= ln2/2, within 2.7 ulp of float32 over [-87, 0] (checked against libm's double exp at every
  * float there). Below -87 it returns exp(-87), about 1.6e-38. */
-static inline v16f exp_nonpositive(v16f x) {
-    const v16f lo = x - x - 87.0f;
+static inline vf exp_nonpositive(vf x) {
+    const vf lo = x - x - 87.0f;
     x = lane_select(x < lo, lo, x);
-    const v16f n = (x * 1.44269504f + 12582912.0f) - 12582912.0f;   /* rounded to the nearest integer */
-    const v16f r = (x - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
-    const v16f p = 1.0f + r * (1.0f + r * (0.5f + r * (1.0f / 6 + r * (1.0f / 24 + r * (1.0f / 120
+    const vf n = (x * 1.44269504f + 12582912.0f) - 12582912.0f;   /* rounded to the nearest integer */
+    const vf r = (x - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
+    const vf p = 1.0f + r * (1.0f + r * (0.5f + r * (1.0f / 6 + r * (1.0f / 24 + r * (1.0f / 120
                    + r * (1.0f / 720))))));
-    const v16i e = (__builtin_convertvector(n, v16i) + 127) << 23;
-    return p * (v16f)e;
+    const vi e = (__builtin_convertvector(n, vi) + 127) << 23;
+    return p * (vf)e;
 }
 
 static inline void prefetch_rows(const elem_t *pool, int64_t head_base, const int32_t *table, int block_size,
@@ -112,43 +119,57 @@ static inline void prefetch_rows(const elem_t *pool, int64_t head_base, const in
     }
 }
 
-static inline float lane_sum(v16f v) {
+static inline float lane_sum(vf v) {
     float s = 0;
     for (int l = 0; l < LANES; l++) s += v[l];
     return s;
 }
 
-static inline float lane_max(v16f v) {
+static inline float lane_max(vf v) {
     float m = v[0];
     for (int l = 1; l < LANES; l++) m = v[l] > m ? v[l] : m;
     return m;
 }
 
-/* Sixteen vectors in, one out: lane t of the result is the sum of the lanes of v[t]. Four rounds of
- * pairing halves (15 vector additions), instead of a horizontal sum per key. */
-static inline v16f transpose_sum(const v16f v[CHUNK]) {
-    static const v16i a1 = {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23};
-    static const v16i b1 = {8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31};
-    static const v16i a2 = {0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27};
-    static const v16i b2 = {4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31};
-    static const v16i a3 = {0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29};
-    static const v16i b3 = {2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31};
-    static const v16i a4 = {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30};
-    static const v16i b4 = {1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31};
-    v16f w[8], x[4], y[2];
-    for (int i = 0; i < 8; i++)
-        w[i] = __builtin_shuffle(v[2 * i], v[2 * i + 1], a1) + __builtin_shuffle(v[2 * i], v[2 * i + 1], b1);
-    for (int i = 0; i < 4; i++)
-        x[i] = __builtin_shuffle(w[2 * i], w[2 * i + 1], a2) + __builtin_shuffle(w[2 * i], w[2 * i + 1], b2);
-    for (int i = 0; i < 2; i++)
-        y[i] = __builtin_shuffle(x[2 * i], x[2 * i + 1], a3) + __builtin_shuffle(x[2 * i], x[2 * i + 1], b3);
-    return __builtin_shuffle(y[0], y[1], a4) + __builtin_shuffle(y[0], y[1], b4);
+/* CHUNK vectors in, one out: lane t of the result is the sum of the lanes of v[t]. Rounds of pairing
+ * halves (CHUNK - 1 vector additions in all), instead of a horizontal sum per key. Round h adds, for
+ * each pair of vectors, the lanes whose index modulo 2h is below h to those h lanes further on. */
+#if LANES == 16
+static const vi lo8 = {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23};
+static const vi hi8 = {8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31};
+static const vi lo4 = {0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27};
+static const vi hi4 = {4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31};
+static const vi lo2 = {0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29};
+static const vi hi2 = {2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31};
+static const vi lo1 = {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30};
+static const vi hi1 = {1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31};
+#else
+static const vi lo4 = {0, 1, 2, 3, 8, 9, 10, 11};
+static const vi hi4 = {4, 5, 6, 7, 12, 13, 14, 15};
+static const vi lo2 = {0, 1, 4, 5, 8, 9, 12, 13};
+static const vi hi2 = {2, 3, 6, 7, 10, 11, 14, 15};
+static const vi lo1 = {0, 2, 4, 6, 8, 10, 12, 14};
+static const vi hi1 = {1, 3, 5, 7, 9, 11, 13, 15};
+#endif
+#define FOLD(u, v, lo, hi) (__builtin_shuffle(u, v, lo) + __builtin_shuffle(u, v, hi))
+
+static inline vf transpose_sum(const vf v[CHUNK]) {
+    vf x[4], y[2];
+#if LANES == 16
+    vf w[8];
+    for (int i = 0; i < 8; i++) w[i] = FOLD(v[2 * i], v[2 * i + 1], lo8, hi8);
+    for (int i = 0; i < 4; i++) x[i] = FOLD(w[2 * i], w[2 * i + 1], lo4, hi4);
+#else
+    for (int i = 0; i < 4; i++) x[i] = FOLD(v[2 * i], v[2 * i + 1], lo4, hi4);
+#endif
+    for (int i = 0; i < 2; i++) y[i] = FOLD(x[2 * i], x[2 * i + 1], lo2, hi2);
+    return FOLD(y[0], y[1], lo1, hi1);
 }
 
 /* The unscaled dot products of a query row with CHUNK key rows (the first n of them real), one per
  * lane of each of the CHUNK vectors it leaves in dots (transpose_sum finishes them). */
-static inline void key_dots(const v16f *query, const elem_t *query_raw, const elem_t *const *rows, int n,
-                            v16f dots[CHUNK]) {
+static inline void key_dots(const vf *query, const elem_t *query_raw, const elem_t *const *rows, int n,
+                            vf dots[CHUNK]) {
 #if USE_DPBF16
     /* bfloat16 pairs straight into float32 sums, with no widening of the keys. */
     (void)query;
@@ -159,12 +180,12 @@ static inline void key_dots(const v16f *query, const elem_t *query_raw, const el
         if (t < n)
             for (int c = 0; c < D / 32; c++)
                 a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512(rows[t] + c * 32), qb[c]);
-        dots[t] = (v16f)a;
+        dots[t] = (vf)a;
     }
 #else
     (void)query_raw;
     for (int t = 0; t < CHUNK; t++) {
-        v16f a = {0};
+        vf a = {0};
         if (t < n)
             for (int c = 0; c < D / LANES; c++) a += query[c] * LOAD(rows[t] + c * LANES);
         dots[t] = a;
@@ -182,7 +203,7 @@ static inline void key_dots(const v16f *query, const elem_t *query_raw, const el
  * end. Each row is divided by the sum of its rounded probabilities. */
 #define DEFINE_VALUES(G)                                                                                \
 static inline void values_##G(const elem_t *values, const int32_t *table, int len, int64_t head_base,  \
-                              int block_size, const v16f *scores, int chunks, elem_t *out) {            \
+                              int block_size, const vf *scores, int chunks, elem_t *out) {            \
     enum { S = D / 32 };  /* 32-element slices of a row */                                              \
     __m512 lo[G][S], hi[G][S], total[G];                                                                \
     for (int j = 0; j < G; j++) {                                                                       \
@@ -238,13 +259,13 @@ static inline void values_##G(const elem_t *values, const int32_t *table, int le
 /* Row by row in float32, the group's accumulators in registers. */
 #define DEFINE_VALUES(G)                                                                                \
 static inline void values_##G(const elem_t *values, const int32_t *table, int len, int64_t head_base,  \
-                              int block_size, const v16f *scores, int chunks, elem_t *out) {            \
+                              int block_size, const vf *scores, int chunks, elem_t *out) {            \
     enum { V = D / LANES };                                                                             \
-    v16f acc[G][V], total[G];                                                                           \
+    vf acc[G][V], total[G];                                                                           \
     for (int j = 0; j < G; j++) {                                                                       \
-        total[j] = (v16f){0};                                                                           \
+        total[j] = (vf){0};                                                                           \
         for (int k = 0; k < chunks; k++) total[j] += scores[j * chunks + k];                            \
-        for (int c = 0; c < V; c++) acc[j][c] = (v16f){0};                                              \
+        for (int c = 0; c < V; c++) acc[j][c] = (vf){0};                                              \
     }                                                                                                   \
     int block = 0, offset = 0;                                                                          \
     for (int pos = 0; pos < len; pos++) {                                                               \
@@ -252,7 +273,7 @@ static inline void values_##G(const elem_t *values, const int32_t *table, int le
         if (++offset == block_size) { block++; offset = 0; }                                            \
         const float *p = (const float *)scores + (pos / CHUNK) * LANES + pos % CHUNK;                   \
         for (int c = 0; c < V; c++) {                                                                   \
-            const v16f v = LOAD(row + c * LANES);                                                       \
+            const vf v = LOAD(row + c * LANES);                                                       \
             for (int j = 0; j < G; j++) acc[j][c] += p[j * chunks * LANES] * v;                         \
         }                                                                                               \
     }                                                                                                   \
@@ -270,13 +291,13 @@ static inline void values_##G(const elem_t *values, const int32_t *table, int le
 #define DEFINE_ONE(G)                                                                                   \
 DEFINE_VALUES(G)                                                                                        \
 static void one_##G(const elem_t *q, const elem_t *keys, const elem_t *values, const int32_t *table,   \
-                    int len, int64_t head_base, int block_size, float scale, elem_t *out, v16f *scores) { \
+                    int len, int64_t head_base, int block_size, float scale, elem_t *out, vf *scores) { \
     enum { V = D / LANES };                                                                             \
     const int chunks = (len + CHUNK - 1) / CHUNK;                                                       \
-    v16f qv[G][V], maxes[G];                                                                            \
+    vf qv[G][V], maxes[G];                                                                            \
     for (int j = 0; j < G; j++) {                                                                       \
         for (int c = 0; c < V; c++) qv[j][c] = LOAD(q + j * D + c * LANES);                             \
-        maxes[j] = (v16f){0} - __builtin_inff();                                                        \
+        maxes[j] = (vf){0} - __builtin_inff();                                                        \
     }                                                                                                   \
     const elem_t *rows[CHUNK];                                                                          \
     int block = 0, offset = 0;  /* where the next key lies: table[block], offset rows in */              \
@@ -292,9 +313,9 @@ static void one_##G(const elem_t *q, const elem_t *keys, const elem_t *values, c
                           ahead < len ? ahead : len);                                                   \
         }                                                                                               \
         for (int j = 0; j < G; j++) {                                                                   \
-            v16f dots[CHUNK];                                                                           \
+            vf dots[CHUNK];                                                                           \
             key_dots(qv[j], q + j * D, rows, n, dots);                                                  \
-            v16f s = transpose_sum(dots) * scale;                                                       \
+            vf s = transpose_sum(dots) * scale;                                                       \
             for (int t = n; t < CHUNK; t++) s[t] = -__builtin_inff();                                   \
             scores[j * chunks + k] = s;                                                                 \
             maxes[j] = lane_select(s > maxes[j], s, maxes[j]);                                          \
@@ -303,8 +324,8 @@ static void one_##G(const elem_t *q, const elem_t *keys, const elem_t *values, c
     for (int j = 0; j < G; j++) {                                                                       \
         const float m = lane_max(maxes[j]);                                                             \
         for (int k = 0; k < chunks; k++) {                                                              \
-            const v16f s = scores[j * chunks + k];                                                      \
-            scores[j * chunks + k] = lane_select(s == -__builtin_inff(), (v16f){0}, exp_nonpositive(s - m)); \
+            const vf s = scores[j * chunks + k];                                                      \
+            scores[j * chunks + k] = lane_select(s == -__builtin_inff(), (vf){0}, exp_nonpositive(s - m)); \
         }                                                                                               \
     }                                                                                                   \
     values_##G(values, table, len, head_base, block_size, scores, chunks, out);                         \
@@ -313,7 +334,7 @@ static void one_##G(const elem_t *q, const elem_t *keys, const elem_t *values, c
 DEFINE_ONE(1) DEFINE_ONE(2) DEFINE_ONE(3) DEFINE_ONE(4) DEFINE_ONE(5) DEFINE_ONE(6) DEFINE_ONE(7) DEFINE_ONE(8)
 
 typedef void (*one_fn)(const elem_t *, const elem_t *, const elem_t *, const int32_t *, int, int64_t, int, float,
-                       elem_t *, v16f *);
+                       elem_t *, vf *);
 static const one_fn one_by_group[GROUP_MAX + 1] = {0, one_1, one_2, one_3, one_4, one_5, one_6, one_7, one_8};
 
 /* The entry point: q [num_seqs, num_heads, HEAD_DIM], its rows q_stride elements apart; keys and values
@@ -335,11 +356,11 @@ int paged_decode_attention(const elem_t *q, int64_t q_stride, elem_t *keys, elem
     const one_fn one = one_by_group[group];
     int max_len = 1;
     for (int i = 0; i < num_seqs; i++) max_len = lens[i] > max_len ? lens[i] : max_len;
-    const size_t scratch = sizeof(v16f) * (size_t)group * ((max_len + CHUNK - 1) / CHUNK);
+    const size_t scratch = sizeof(vf) * (size_t)group * ((max_len + CHUNK - 1) / CHUNK);
     int failed = 0;
 #pragma omp parallel num_threads(num_threads)
     {
-        v16f *scores = aligned_alloc(64, scratch);
+        vf *scores = aligned_alloc(64, scratch);
         if (!scores) {
 #pragma omp atomic write
             failed = 1;
