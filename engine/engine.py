@@ -23,7 +23,7 @@ from engine.kv_cache import BlockPool, KVCache, kv_bytes_per_block
 from engine.loader import LoadedModel, load_model
 from engine.model import LlamaModel
 from engine.model_runner import ModelRunner, ParkedStep
-from engine.native_kernels import NativeBuildError, PagedDecodeAttention, paged_decode_attention
+from engine.native_kernels import NativeBuildError, NativeKernels, PagedDecodeAttention, native_kernels
 from engine.output import RequestMetrics, RequestOutput, RequestStream
 from engine.policy import Policy
 from engine.profiler import check_shapes, device_key, load_or_profile, profile_cost_model, time_check_steps
@@ -139,9 +139,11 @@ class Engine:
         # With decode graphs the cache holds one block beyond the pool's: the graphs' padding rows write
         # and read it, and no request ever owns it.
         self.kv_cache = KVCache(mc, num_blocks + (1 if graphs else 0), config.block_size, dtype, self.device)
+        native = self._native_kernels(mc, dtype, graphs)
         backend = TorchAttentionBackend(mc.num_attention_heads, mc.num_key_value_heads, mc.head_dim,
-                                        config.block_size, self._native_decode(mc, dtype, graphs))
-        model = LlamaModel(mc, loaded.tensors, backend, self.max_model_len, dtype, self.device)
+                                        config.block_size, native.decode_attention if native else None)
+        model = LlamaModel(mc, loaded.tensors, backend, self.max_model_len, dtype, self.device,
+                           native.row_ops if native else None)
         loaded.tensors.clear()  # the model holds its own (fused, converted) copies
         if graphs:
             self.runner = ModelRunner(model, self.kv_cache, self.device, graphs=DecodeGraphs(
@@ -180,8 +182,9 @@ class Engine:
         self._trace = StepTrace(config.step_trace) if config.step_trace else None
         self._started = time.monotonic()
 
-    def _native_decode(self, mc, dtype: torch.dtype, graphs: bool) -> PagedDecodeAttention | None:
-        """The compiled paged decode kernel where config.native_decode wants it and it can serve."""
+    def _native_kernels(self, mc, dtype: torch.dtype, graphs: bool) -> NativeKernels | None:
+        """The compiled kernels (paged decode attention, row-wise ops) where config.native_decode wants
+        them and they can serve."""
         mode = self.config.native_decode
         if mode == "off" or (mode == "auto" and (graphs or self.config.decode_mirror_bytes)):
             return None
@@ -194,7 +197,7 @@ class Engine:
                     f"{mc.head_dim}, {mc.num_attention_heads} heads over {mc.num_key_value_heads} KV heads")
             return None
         try:
-            return paged_decode_attention(dtype, mc.head_dim)
+            return native_kernels(dtype, mc.head_dim)
         except NativeBuildError as e:
             if mode == "on":
                 raise InvalidRequestError(f"native_decode='on': {e}") from e
@@ -227,7 +230,8 @@ class Engine:
         # profiler.profile_cache_path(cfg.profile_cache_dir, self.profile_key) is the cache file.
         self.profile_key = key = "|".join([device_key(loaded.name, self.device, dtype, cfg.block_size),
                                            repr(self.model_config), f"tokens {max_tokens}",
-                                           self.runner.model.backend.kernels(self.device, dtype)])
+                                           self.runner.model.backend.kernels(self.device, dtype),
+                                           "row ops: " + ("native" if self.runner.model.row_ops else "torch")])
         max_seqs, max_context = min(cfg.max_num_seqs, 64), min(self.max_model_len, 2048)
         return load_or_profile(cfg.profile_cache_dir, key, lambda: profile_cost_model(
             self.runner, self.pool, max_tokens=max_tokens, max_seqs=max_seqs, max_context=max_context,

@@ -14,6 +14,7 @@ from engine.linear import Linear
 from engine.model_config import ModelConfig
 from engine.norm import RMSNorm
 from engine.rope import RotaryEmbedding, apply_rotary
+from engine.row_ops import RowOps
 
 # Called with the index of the layer about to run; True stops the step there (layer-wise preemption).
 Safepoint = Callable[[int], bool]
@@ -42,9 +43,12 @@ class LlamaModel:
     """Plain tensors and functional ops: fewer Python calls per layer than nn.Module, which a 135M model feels."""
 
     def __init__(self, config: ModelConfig, tensors: dict[str, torch.Tensor], backend: AttentionBackend,
-                 max_positions: int, dtype: torch.dtype, device: torch.device):
+                 max_positions: int, dtype: torch.dtype, device: torch.device, row_ops: RowOps | None = None):
         self.config = config
         self.backend = backend
+        # The compiled row-wise ops (CPU, the model's dtype): norms, SiLU-and-multiply and the rotary
+        # embedding in one call each, instead of PyTorch's chains of ops.
+        self.row_ops = row_ops if row_ops is not None and row_ops.dtype == dtype and device.type == "cpu" else None
 
         def take(name: str) -> torch.Tensor:
             try:
@@ -97,6 +101,8 @@ class LlamaModel:
         """Layer i on hidden states h [N, hidden] (cos, sin from rope.lookup); writes the layer's keys
         and values into the cache and returns the next hidden states. Also captured, layer by layer,
         into the decode steps' CUDA graphs (engine/decode_graphs.py)."""
+        if self.row_ops is not None:
+            return self._layer_forward_rows(i, h, cos, sin, meta, kv_cache)
         cfg = self.config
         n = h.shape[0]
         heads, kv_heads, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -113,7 +119,27 @@ class LlamaModel:
         gate, up = layer.gate_up(x).chunk(2, dim=-1)
         return h + layer.down(F.silu(gate) * up)
 
+    def _layer_forward_rows(self, i: int, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                            meta: AttentionMetadata, kv_cache: KVCache) -> torch.Tensor:
+        """layer_forward with the compiled row ops, the same computation: the query and key heads rotated
+        in place in the QKV product, the residual adds done in place into h (each layer's h is its own:
+        the embedding's output or the layer before's; a parked step's is resumed once)."""
+        cfg, ops = self.config, self.row_ops
+        n = h.shape[0]
+        heads, kv_heads, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        layer = self.layers[i]
+        qkv = layer.qkv(ops.rms_norm(h, layer.input_norm.float_weight, layer.input_norm.eps))
+        ops.rotary_(qkv, heads + kv_heads, d, cos, sin)
+        q = qkv[:, : heads * d].view(n, heads, d)
+        k = qkv[:, heads * d: (heads + kv_heads) * d].view(n, kv_heads, d)
+        v = qkv[:, (heads + kv_heads) * d:].view(n, kv_heads, d)
+        attn = self.backend.forward(q, k, v, kv_cache.keys[i], kv_cache.values[i], meta, i)
+        x = ops.rms_norm(h, layer.post_norm.float_weight, layer.post_norm.eps, residual=layer.o(attn))
+        return h.add_(layer.down(ops.silu_mul(layer.gate_up(x))))
+
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """The final norm and the LM head: logits for the hidden rows given."""
+        if self.row_ops is not None:
+            return self.lm_head(self.row_ops.rms_norm(h.contiguous(), self.norm.float_weight, self.norm.eps))
         h = self.norm(h)
         return self.lm_head(h)

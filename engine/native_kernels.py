@@ -1,9 +1,11 @@
 """C kernels the engine builds with the machine's own compiler, for the CPU steps PyTorch's ops serve badly.
 
-Today one: decode attention straight from the paged KV pool (engine/native/paged_decode_attention.c,
-whose header says why). The source is compiled once per machine with `cc -O3 -march=native -fopenmp`
-into the cache directory, keyed by the source, the compiler and the CPU, and loaded with ctypes. Where
-there is no compiler, or the build fails, the engine keeps its PyTorch path and says so once in the log.
+Two sources, one library per dtype and head size: decode attention straight from the paged KV pool
+(engine/native/paged_decode_attention.c) and the small row-wise steps of a layer, RMSNorm, SiLU-and-
+multiply and the rotary embedding (engine/native/row_ops.c); their headers say why. They are compiled
+once per machine with `cc -O3 -march=native -fopenmp` into the cache directory, keyed by the sources,
+the compiler and the CPU, and loaded with ctypes. Where there is no compiler, or the build fails, the
+engine keeps its PyTorch path and says so once in the log.
 
 The library links against the OpenMP runtime PyTorch has already loaded (the same libgomp.so.1, which
 the loader does not map twice), so the kernel's threads are PyTorch's threads, not a second team
@@ -23,10 +25,11 @@ from pathlib import Path
 import torch
 
 from engine.cache_dir import cache_root
+from engine.row_ops import RowOps
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("native") / "paged_decode_attention.c"
+SOURCES = [Path(__file__).with_name("native") / name for name in ("paged_decode_attention.c", "row_ops.c")]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
 # What the C side has kernels for: the dtypes (and its BF16 switch for each), head sizes (multiples of
 # 16 up to MAX_HEAD_DIM; one library per dtype and head size) and query heads per KV head.
@@ -64,12 +67,12 @@ def _cpu_fingerprint() -> str:
 
 
 def _build(compiler: str, cache_dir: Path, dtype: torch.dtype, head_dim: int) -> Path:
-    source = SOURCE.read_bytes()
+    source = b"\0".join(path.read_bytes() for path in SOURCES)
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
     flags = [*FLAGS, f"-DHEAD_DIM={head_dim}", f"-DBF16={DTYPE_SWITCH[dtype]}"]
     key = hashlib.sha256(b"\0".join([source, version.encode(), " ".join(flags).encode(),
                                      _cpu_fingerprint().encode()])).hexdigest()[:16]
-    target = cache_dir / f"paged_decode_attention-{str(dtype).removeprefix('torch.')}-{head_dim}-{key}.so"
+    target = cache_dir / f"conserve-native-{str(dtype).removeprefix('torch.')}-{head_dim}-{key}.so"
     if target.exists():
         return target
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -78,8 +81,8 @@ def _build(compiler: str, cache_dir: Path, dtype: torch.dtype, head_dim: int) ->
     fd, partial = tempfile.mkstemp(suffix=".so", dir=cache_dir)
     os.close(fd)
     try:
-        result = subprocess.run([compiler, *flags, "-o", partial, str(SOURCE)], capture_output=True, text=True,
-                                timeout=COMPILE_TIMEOUT_S)
+        result = subprocess.run([compiler, *flags, "-o", partial, *map(str, SOURCES)], capture_output=True,
+                                text=True, timeout=COMPILE_TIMEOUT_S)
         if result.returncode != 0:
             raise NativeBuildError(f"{compiler} failed ({result.returncode}): {result.stderr.strip()[-2000:]}")
         os.replace(partial, target)
@@ -146,17 +149,25 @@ class PagedDecodeAttention:
         return out
 
 
+class NativeKernels:
+    """One built library's kernels: decode attention and the row-wise ops, for one dtype and head size."""
+
+    def __init__(self, library: Path, dtype: torch.dtype, head_dim: int):
+        self.decode_attention = PagedDecodeAttention(library, dtype, head_dim)
+        self.row_ops = RowOps(library, dtype)
+
+
 _lock = threading.Lock()
-_loaded: dict[tuple, PagedDecodeAttention | NativeBuildError] = {}
+_loaded: dict[tuple, NativeKernels | NativeBuildError] = {}
 
 
-def paged_decode_attention(dtype: torch.dtype, head_dim: int, cache_dir: Path | None = None) -> PagedDecodeAttention:
-    """The kernel for `dtype` and `head_dim` (see PagedDecodeAttention.supports), built on first use (1-3
-    s) and then loaded from the cache. Raises NativeBuildError where it cannot be had; the result,
+def native_kernels(dtype: torch.dtype, head_dim: int, cache_dir: Path | None = None) -> NativeKernels:
+    """The kernels for `dtype` and `head_dim` (see PagedDecodeAttention.supports), built on first use (2-5
+    s) and then loaded from the cache. Raises NativeBuildError where they cannot be had; the result,
     either way, is remembered for the process."""
     cache_dir = Path(cache_dir) if cache_dir is not None else cache_root() / "native"
     if not _has_kernel(dtype, head_dim):
-        raise NativeBuildError(f"no native decode kernel for {dtype} heads of {head_dim}")
+        raise NativeBuildError(f"no native kernels for {dtype} heads of {head_dim}")
     key = (cache_dir, dtype, head_dim)
     with _lock:
         if key not in _loaded:
@@ -164,12 +175,17 @@ def paged_decode_attention(dtype: torch.dtype, head_dim: int, cache_dir: Path | 
             try:
                 if compiler is None:
                     raise NativeBuildError("no C compiler found (looked for $CC, cc and gcc)")
-                _loaded[key] = PagedDecodeAttention(_build(compiler, cache_dir, dtype, head_dim), dtype, head_dim)
+                _loaded[key] = NativeKernels(_build(compiler, cache_dir, dtype, head_dim), dtype, head_dim)
             except (OSError, subprocess.SubprocessError, NativeBuildError) as e:
                 error = e if isinstance(e, NativeBuildError) else NativeBuildError(f"{type(e).__name__}: {e}")
-                log.warning("native decode attention unavailable, decodes use PyTorch's path: %s", error)
+                log.warning("native kernels unavailable, the CPU keeps PyTorch's path: %s", error)
                 _loaded[key] = error
         result = _loaded[key]
     if isinstance(result, NativeBuildError):
         raise result
     return result
+
+
+def paged_decode_attention(dtype: torch.dtype, head_dim: int, cache_dir: Path | None = None) -> PagedDecodeAttention:
+    """The decode attention kernel of native_kernels(dtype, head_dim, cache_dir)."""
+    return native_kernels(dtype, head_dim, cache_dir).decode_attention

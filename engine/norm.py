@@ -17,16 +17,17 @@ class RMSNorm:
         self.weight = weight
         self.eps = eps
         # float32 and CUDA keep F.rms_norm: nothing to upcast in float32, where it is bit for bit what
-        # transformers computes, and CUDA fuses it.
-        self._float_weight = (weight.float() if weight.dtype != torch.float32 and weight.device.type == "cpu"
-                              else None)
+        # transformers computes, and CUDA fuses it. The float32 weight also serves the native row ops
+        # (engine/row_ops.py); in float32 it is the weight itself.
+        self.float_weight = weight.float()
+        self._upcast = weight.dtype != torch.float32 and weight.device.type == "cpu"
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., hidden] over its root mean square, times the weight, in x's dtype (the model's). Equal to
         F.rms_norm's result but for the order of the float32 sum: an element can differ by one unit of
         bfloat16 (7 of 1.2 million measured)."""
-        if self._float_weight is None:
+        if not self._upcast:
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         wide = x.float()
         inverse = torch.linalg.vector_norm(wide, dim=-1, keepdim=True).square_().div_(x.shape[-1])
-        return wide.mul_(inverse.add_(self.eps).rsqrt_()).mul_(self._float_weight).to(x.dtype)
+        return wide.mul_(inverse.add_(self.eps).rsqrt_()).mul_(self.float_weight).to(x.dtype)

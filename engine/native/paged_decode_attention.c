@@ -202,8 +202,8 @@ static inline void key_dots(const vf *query, const elem_t *query_raw, const elem
  * 8L+m (unpacklo) or 8L+4+m (unpackhi) of its 32-element slice; the sums are put back in order at the
  * end. Each row is divided by the sum of its rounded probabilities. */
 #define DEFINE_VALUES(G)                                                                                \
-static inline void values_##G(const elem_t *values, const int32_t *table, int len, int64_t head_base,  \
-                              int block_size, const vf *scores, int chunks, elem_t *out) {            \
+static inline void values_##G(const elem_t *values, const int32_t *table, int len, int64_t head_base,   \
+                              int block_size, const vf *scores, int chunks, elem_t *out) {              \
     enum { S = D / 32 };  /* 32-element slices of a row */                                              \
     __m512 lo[G][S], hi[G][S], total[G];                                                                \
     for (int j = 0; j < G; j++) {                                                                       \
@@ -258,14 +258,14 @@ static inline void values_##G(const elem_t *values, const int32_t *table, int le
 #else
 /* Row by row in float32, the group's accumulators in registers. */
 #define DEFINE_VALUES(G)                                                                                \
-static inline void values_##G(const elem_t *values, const int32_t *table, int len, int64_t head_base,  \
-                              int block_size, const vf *scores, int chunks, elem_t *out) {            \
+static inline void values_##G(const elem_t *values, const int32_t *table, int len, int64_t head_base,   \
+                              int block_size, const vf *scores, int chunks, elem_t *out) {              \
     enum { V = D / LANES };                                                                             \
-    vf acc[G][V], total[G];                                                                           \
+    vf acc[G][V], total[G];                                                                             \
     for (int j = 0; j < G; j++) {                                                                       \
-        total[j] = (vf){0};                                                                           \
+        total[j] = (vf){0};                                                                             \
         for (int k = 0; k < chunks; k++) total[j] += scores[j * chunks + k];                            \
-        for (int c = 0; c < V; c++) acc[j][c] = (vf){0};                                              \
+        for (int c = 0; c < V; c++) acc[j][c] = (vf){0};                                                \
     }                                                                                                   \
     int block = 0, offset = 0;                                                                          \
     for (int pos = 0; pos < len; pos++) {                                                               \
@@ -273,7 +273,7 @@ static inline void values_##G(const elem_t *values, const int32_t *table, int le
         if (++offset == block_size) { block++; offset = 0; }                                            \
         const float *p = (const float *)scores + (pos / CHUNK) * LANES + pos % CHUNK;                   \
         for (int c = 0; c < V; c++) {                                                                   \
-            const vf v = LOAD(row + c * LANES);                                                       \
+            const vf v = LOAD(row + c * LANES);                                                         \
             for (int j = 0; j < G; j++) acc[j][c] += p[j * chunks * LANES] * v;                         \
         }                                                                                               \
     }                                                                                                   \
@@ -290,17 +290,17 @@ static inline void values_##G(const elem_t *values, const int32_t *table, int le
  * the KV head's first row in the pool; scores: scratch of G x chunks vectors. */
 #define DEFINE_ONE(G)                                                                                   \
 DEFINE_VALUES(G)                                                                                        \
-static void one_##G(const elem_t *q, const elem_t *keys, const elem_t *values, const int32_t *table,   \
+static void one_##G(const elem_t *q, const elem_t *keys, const elem_t *values, const int32_t *table,    \
                     int len, int64_t head_base, int block_size, float scale, elem_t *out, vf *scores) { \
     enum { V = D / LANES };                                                                             \
     const int chunks = (len + CHUNK - 1) / CHUNK;                                                       \
-    vf qv[G][V], maxes[G];                                                                            \
+    vf qv[G][V], maxes[G];                                                                              \
     for (int j = 0; j < G; j++) {                                                                       \
         for (int c = 0; c < V; c++) qv[j][c] = LOAD(q + j * D + c * LANES);                             \
-        maxes[j] = (vf){0} - __builtin_inff();                                                        \
+        maxes[j] = (vf){0} - __builtin_inff();                                                          \
     }                                                                                                   \
     const elem_t *rows[CHUNK];                                                                          \
-    int block = 0, offset = 0;  /* where the next key lies: table[block], offset rows in */              \
+    int block = 0, offset = 0;  /* where the next key lies: table[block], offset rows in */             \
     for (int k = 0; k < chunks; k++) {                                                                  \
         const int n = len - k * CHUNK < CHUNK ? len - k * CHUNK : CHUNK;                                \
         for (int t = 0; t < n; t++) {                                                                   \
@@ -313,9 +313,9 @@ static void one_##G(const elem_t *q, const elem_t *keys, const elem_t *values, c
                           ahead < len ? ahead : len);                                                   \
         }                                                                                               \
         for (int j = 0; j < G; j++) {                                                                   \
-            vf dots[CHUNK];                                                                           \
+            vf dots[CHUNK];                                                                             \
             key_dots(qv[j], q + j * D, rows, n, dots);                                                  \
-            vf s = transpose_sum(dots) * scale;                                                       \
+            vf s = transpose_sum(dots) * scale;                                                         \
             for (int t = n; t < CHUNK; t++) s[t] = -__builtin_inff();                                   \
             scores[j * chunks + k] = s;                                                                 \
             maxes[j] = lane_select(s > maxes[j], s, maxes[j]);                                          \
@@ -324,7 +324,7 @@ static void one_##G(const elem_t *q, const elem_t *keys, const elem_t *values, c
     for (int j = 0; j < G; j++) {                                                                       \
         const float m = lane_max(maxes[j]);                                                             \
         for (int k = 0; k < chunks; k++) {                                                              \
-            const vf s = scores[j * chunks + k];                                                      \
+            const vf s = scores[j * chunks + k];                                                        \
             scores[j * chunks + k] = lane_select(s == -__builtin_inff(), (vf){0}, exp_nonpositive(s - m)); \
         }                                                                                               \
     }                                                                                                   \
