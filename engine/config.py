@@ -38,7 +38,8 @@ class EngineConfig:
     # Decode attention by the compiled paged kernel (engine/native_kernels.py), which reads the pool in
     # place: "auto" on CPU where it builds (a C compiler) and has a kernel for the model's head size and
     # dtype, unless the decode mirror or graphs are asked for explicitly (it replaces the one and
-    # excludes the other); "on" requires it; "off" keeps PyTorch's path.
+    # excludes the other); "on" requires it; "off" keeps PyTorch's path. The same library's row ops
+    # (RMSNorm, SiLU-and-multiply, rotary embedding; engine/row_ops.py) come and go with it.
     native_decode: str = "auto"
     # ---- co-serving (engine/policy.py names the policies) ----
     policy: str = "conserve"           # "online-only", "fcfs", "priority" or "conserve"

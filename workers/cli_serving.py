@@ -73,7 +73,8 @@ def _engine_flags(p: argparse.ArgumentParser) -> None:
                         "is asked for)")
     p.add_argument("--native-decode", choices=("auto", "on", "off"),
                    help="decode attention by a C kernel built with this machine's compiler, reading the KV pool "
-                        "in place (default auto: on CPU where it builds, unless a decode mirror is asked for)")
+                        "in place, and the layers' norms, SiLU and rotary embedding by its row ops (default "
+                        "auto: on CPU where it builds, unless a decode mirror is asked for)")
     p.add_argument("--max-num-seqs", type=int, help="most requests running at once (default 128)")
     p.add_argument("--max-model-len", type=int, help="context length cap (default: the model's)")
 

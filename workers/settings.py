@@ -38,7 +38,7 @@ class WorkerSettings(BaseSettings):
     decode_mirror_bytes: int | None = None  # CPU decode mirror cap (default: twice the KV cache, <= 20% of RAM,
                                             # where the native decode kernel is off; 0: off)
     decode_graphs: str = "auto"           # decode steps from CUDA graphs: auto (on CUDA), on, off
-    native_decode: str = "auto"           # compiled paged decode-attention kernel: auto (on CPU where it builds), on, off
+    native_decode: str = "auto"           # compiled decode attention and row ops: auto (CPU, where they build), on, off
     max_num_seqs: int = 128
     max_model_len: int | None = None
     profile_seconds: float = 5.0          # step-latency profiling at first start (then cached per model/device)
